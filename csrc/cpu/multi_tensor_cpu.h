@@ -1,0 +1,64 @@
+// Multi-tensor work splitting on the CPU: every tensor of a list is cut into fixed-size
+// chunks, and at::parallel_for spreads all chunks of all tensors over the threads, so
+// 300 small tensors and one huge one load the cores alike.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace imbsam::cpu {
+
+// 64 Ki elements: big enough that per-chunk overhead vanishes, small enough that two
+// cores share a list of a few large tensors evenly and a chunk's four streams stay in L2.
+constexpr int64_t kChunkElems = 1 << 16;
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+inline std::vector<Chunk> make_chunks(at::TensorList ts) {
+  std::vector<Chunk> chunks;
+  for (size_t t = 0; t < ts.size(); ++t) {
+    const int64_t n = ts[t].numel();
+    for (int64_t b = 0; b < n; b += kChunkElems) chunks.push_back({static_cast<int64_t>(t), b, std::min(n, b + kChunkElems)});
+  }
+  return chunks;
+}
+
+template <typename F>
+void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) f(i, chunks[i]);
+  });
+}
+
+// fp32 math for bf16/fp16/fp32 storage, fp64 math for fp64 storage.
+template <typename T>
+using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Calls f(T{}) with the storage type of `dtype` (only the four supported dtypes reach here).
+template <typename F>
+void dispatch_float(at::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "imbsam: unsupported dtype ", dtype);
+  }
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+}  // namespace imbsam::cpu

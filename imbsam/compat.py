@@ -1,0 +1,88 @@
+"""Drop-in adapters with the paper's constructor ``(optimizer, model, rho)``.
+
+The paper's training loop runs unchanged on the fast ops::
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3)
+    optimizer = imbsam.compat.ImbSAM(optimizer, model, rho=0.05)
+    ...
+    head_loss.backward(retain_graph=True); optimizer.first_step()
+    tail_loss.backward();                  optimizer.second_step()
+    tail_loss_at_w_plus_e.backward();      optimizer.third_step()
+
+The wrapped optimizer keeps its state and ``param_groups``; schedulers attach to it.
+Differences from the paper's code, all in cases where it fails: a parameter that was
+perturbed but gets no gradient in the last phase is still restored, and one that only
+the head loss reached steps with ``g_H``.
+"""
+from __future__ import annotations
+
+import torch
+
+from imbsam.optim._engine import SharpnessEngine
+
+
+class _Adapter:
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, rho: float = 0.05,
+                 backend: str = "auto", adaptive: bool = False):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.optimizer = optimizer
+        self.model = model
+        self.rho = rho
+        self._engine = SharpnessEngine(optimizer, backend, rho, adaptive)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def _finish(self) -> None:
+        self.optimizer._opt_called = True  # what optimizer.step() tells LR schedulers
+        self.optimizer.zero_grad()
+
+
+class SAM(_Adapter):
+    """The paper's ``SAM(optimizer, model, rho)``: ``first_step()`` and ``second_step()``."""
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        self._engine.perturb()
+        self.optimizer.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        self._engine.restore_and_step(with_head=False)
+        self._finish()
+
+
+class ImbSAM(_Adapter):
+    """The paper's ``ImbSAM(optimizer, model, rho)``: ``first_step()``, ``second_step()``, ``third_step()``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, rho: float = 0.05,
+                 backend: str = "auto"):
+        super().__init__(optimizer, model, rho, backend)
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        self._engine.stash_head_grads()
+        self.optimizer.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        self._engine.perturb()
+        self.optimizer.zero_grad()
+
+    @torch.no_grad()
+    def third_step(self) -> None:
+        self._engine.restore_and_step(with_head=True)
+        self._finish()

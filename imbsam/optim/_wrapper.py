@@ -1,0 +1,55 @@
+"""What SAM and ImbSAM share as ``torch.optim.Optimizer`` subclasses around a base optimizer."""
+from __future__ import annotations
+
+import torch
+
+from imbsam.optim._engine import SharpnessEngine, check_base_optimizer, check_rho
+
+
+class SharpnessOptimizer(torch.optim.Optimizer):
+    """Builds ``base_optimizer(params, **kwargs)`` and shares its ``param_groups`` and state.
+
+    LR schedulers, ``zero_grad``, ``add_param_group``, ``state_dict`` and
+    ``load_state_dict`` therefore act on the base optimizer, as users expect. The
+    buffers that live between phases (weight backups, head gradients) are transient
+    and not part of the state dict: save and load between steps.
+    """
+
+    def __init__(self, params, base_optimizer, rho: float, adaptive: bool, adaptive_eta: float, backend: str,
+                 **kwargs):
+        check_rho(rho)
+        check_base_optimizer(base_optimizer)
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
+        for group in self.param_groups:
+            check_rho(group["rho"])
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self._share_base()
+        self.defaults.update(self.base_optimizer.defaults)
+        self._engine = SharpnessEngine(self.base_optimizer, backend, rho, adaptive, adaptive_eta)
+
+    def _share_base(self) -> None:
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    @property
+    def backend(self) -> str:
+        """The backend asked for (``auto`` resolves per device at the first step)."""
+        return self._engine.backend
+
+    @property
+    def grad_norm(self):
+        """The last perturbation gradient's global norm (a device tensor), or None."""
+        return self._engine.norm
+
+    def _after_base_step(self) -> None:
+        # LR schedulers check that optimizer.step() ran before them; the phases are our step.
+        self._opt_called = True
+
+    def state_dict(self):
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self._share_base()  # the base built new group dicts: share them again
+        for group in self.param_groups:
+            check_rho(group["rho"])

@@ -1,0 +1,72 @@
+"""imbsam.ImbSAM: class-aware SAM for imbalanced data (Zhou et al., ICCV 2023)."""
+from __future__ import annotations
+
+import torch
+
+from imbsam.optim._wrapper import SharpnessOptimizer
+
+
+class ImbSAM(SharpnessOptimizer):
+    r"""ImbSAM: ``min_w L_H(w) + max_{||e|| <= rho} L_T(w + e)``, SAM applied to the tail loss only.
+
+    One step, with the paper's phase names::
+
+        head_loss, tail_loss = split(model(x), y)        # e.g. imbsam.HeadTailLoss
+        head_loss.backward(retain_graph=True)
+        opt.first_step()                                 # keep g_H aside
+        tail_loss.backward()
+        opt.second_step()                                # e from g_T, w <- w + e
+        split(model(x), y)[1].backward()                 # g_T' at w + e (full-batch forward)
+        opt.third_step()                                 # w <- w - e, g = g_T' + g_H, base step
+
+    or ``opt.step(closure)`` where ``closure()`` runs the forward pass and returns
+    ``(head_loss, tail_loss)`` *without* calling backward: the optimizer drives the three
+    backward passes. A batch without tail samples has a zero tail loss, so ``e = 0`` and
+    the step is the base step on ``L_H``.
+
+    The head gradients are handed over, not copied: ImbSAM holds two extra buffers per
+    parameter (``g_H`` and the weight backup) beyond the base optimizer's state.
+    """
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, backend: str = "auto", **kwargs):
+        super().__init__(params, base_optimizer, rho, False, 0.01, backend, **kwargs)
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        """After the head backward: keep g_H aside and clear the gradients."""
+        self._engine.stash_head_grads()
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        """After the tail backward: e from g_T (global norm), w <- w + e, clear the gradients."""
+        self._engine.perturb()
+        self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def third_step(self, zero_grad: bool = True) -> None:
+        """After the backward at w + e: restore w, g = g_T' + g_H, the base step."""
+        self._engine.restore_and_step(with_head=True)
+        self._after_base_step()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One ImbSAM step; ``closure()`` returns ``(head_loss, tail_loss)`` without calling backward.
+
+        Returns the detached total ``head_loss + tail_loss`` of the first forward pass.
+        """
+        if closure is None:
+            raise ValueError("ImbSAM.step needs a closure that runs the forward pass and returns (head_loss, "
+                             "tail_loss) without calling backward; or call first_step/second_step/third_step")
+        with torch.enable_grad():
+            head_loss, tail_loss = closure()
+            head_loss.backward(retain_graph=True)
+        self.first_step()
+        with torch.enable_grad():
+            tail_loss.backward()
+        self.second_step()
+        with torch.enable_grad():
+            closure()[1].backward()
+        self.third_step(zero_grad=False)
+        return (head_loss + tail_loss).detach()

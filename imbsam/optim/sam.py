@@ -1,0 +1,77 @@
+"""imbsam.SAM: Sharpness-Aware Minimization (and ASAM with ``adaptive=True``)."""
+from __future__ import annotations
+
+import torch
+
+from imbsam.optim._wrapper import SharpnessOptimizer
+
+
+class SAM(SharpnessOptimizer):
+    r"""SAM (Foret et al., 2021) around any base optimizer; ``torch.optim.SGD`` takes a fused path.
+
+    One step: ``e = rho * g / (||g|| + 1e-16)`` (global norm), ``w <- w + e``, a second
+    gradient ``g'`` at ``w + e``, then ``w <- w - e`` (bitwise: a restore from a backup)
+    and the base step with ``g'``. With ``adaptive=True`` (ASAM, Kwon et al., 2021)
+    ``e = rho * T^2 g / ||T g||`` with ``T = |w| + adaptive_eta`` on tensors of two or
+    more dimensions and ``T = 1`` on biases and normalisation parameters.
+
+    Two ways to use it::
+
+        loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+        def closure():
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+    Args:
+        params: parameters or parameter groups (a group may set its own ``rho``, ``adaptive``).
+        base_optimizer: an optimizer class, e.g. ``torch.optim.SGD``; ``**kwargs`` go to it.
+        rho: the neighbourhood radius, a finite float >= 0.
+        adaptive: ASAM's scale-invariant neighbourhood.
+        adaptive_eta: ASAM's ``eta`` in ``T = |w| + eta``.
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"cuda"`` (see ``imbsam.available_backends()``).
+
+    A non-finite first gradient skips the whole step: weights and momentum are left as
+    they were (on the fused SGD path this is decided on the device, with no host sync).
+    """
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, backend: str = "auto",
+                 adaptive_eta: float = 0.01, **kwargs):
+        super().__init__(params, base_optimizer, rho, adaptive, adaptive_eta, backend, **kwargs)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = True) -> None:
+        """After the first backward: compute e from the gradients and move to w + e."""
+        self._engine.perturb()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = True) -> None:
+        """After the backward at w + e: restore w and take the base step with g'."""
+        self._engine.restore_and_step(with_head=False)
+        self._after_base_step()
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One SAM step; ``closure`` computes the loss, calls ``backward()`` and returns the loss.
+
+        It is called twice (at w and at w + e). Gradients of the second call are left in
+        ``.grad``, as ``torch.optim`` optimizers leave theirs. Returns the first loss.
+        """
+        if closure is None:
+            raise ValueError("SAM.step needs a closure that computes the loss and calls backward() (SAM evaluates "
+                             "the gradient twice); or call first_step() and second_step() yourself")
+        closure = torch.enable_grad()(closure)
+        loss = closure()
+        self.first_step(zero_grad=True)
+        closure()
+        self.second_step(zero_grad=False)
+        return loss

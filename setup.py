@@ -1,0 +1,94 @@
+"""Builds imbsam._C: the CPU kernels always, the CUDA kernels when the toolkit is there.
+
+Environment switches:
+  IMBSAM_BUILD_CUDA=0   skip the CUDA kernels (fast local loops); =1 require them.
+  TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default below).
+  MAX_JOBS              parallel compile jobs (ninja); defaults to the core count.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home() -> str | None:
+    # torch looks at CUDA_HOME, nvcc on PATH and /usr/local/cuda; toolkits installed as
+    # /usr/local/cuda-13.0 without the symlink are found here before torch looks.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = sorted(glob.glob("/usr/local/cuda*/bin/nvcc"), reverse=True)
+    return os.path.dirname(os.path.dirname(candidates[0])) if candidates else None
+
+
+cuda_home = _find_cuda_home()
+if cuda_home:
+    os.environ.setdefault("CUDA_HOME", cuda_home)
+
+import torch  # noqa: E402  (after CUDA_HOME is settled: cpp_extension reads it on import)
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _want_cuda() -> bool:
+    switch = os.environ.get("IMBSAM_BUILD_CUDA", "auto").lower()
+    possible = torch.version.cuda is not None and CUDA_HOME is not None
+    if switch in ("0", "false", "no", "off"):
+        return False
+    if switch in ("1", "true", "yes", "on"):
+        if not possible:
+            sys.exit(
+                "IMBSAM_BUILD_CUDA=1 but the CUDA build is impossible: "
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}. "
+                "Install a CUDA build of torch and the CUDA toolkit (nvcc), or set IMBSAM_BUILD_CUDA=0."
+            )
+        return True
+    if switch != "auto":
+        sys.exit(f"IMBSAM_BUILD_CUDA={switch!r}: use 0, 1 or auto")
+    return possible
+
+
+def _default_arch_list() -> str:
+    # Each architecture adds a full device compile. Without a visible GPU we build for
+    # Hopper (the cards this project measures on) plus PTX that newer GPUs JIT-compile.
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    return "9.0+PTX"
+
+
+def extensions():
+    # No -std flag: torch picks the standard its headers need (C++17 up to 2.9, C++20 after).
+    cxx_flags = ["-O3", "-fopenmp"]
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    common = dict(
+        name="imbsam._C",
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        # The OpenMP pragmas in at::parallel_for are inline: without -fopenmp they run on one thread.
+        extra_link_args=["-fopenmp"],
+        py_limited_api=False,
+    )
+    if _want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list())
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        print(f"imbsam: building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        return [CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                              define_macros=[("IMBSAM_WITH_CUDA", "1")], **common)]
+    print("imbsam: building CPU kernels only (no CUDA toolkit, a CPU-only torch, or IMBSAM_BUILD_CUDA=0)")
+    return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)]
+
+
+setup(
+    name="imbsam",
+    version="0.1.0",
+    description="Fused SAM / ASAM / ImbSAM optimizers for PyTorch with CPU, CUDA and Triton kernels",
+    packages=find_packages(include=["imbsam", "imbsam.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
