@@ -86,6 +86,8 @@ def perturb_(
         e = perturbation_scale(norm, rho).to(dtype) * g.to(dtype)
         if adaptive:
             e = e * _asam_scale(p, eta_a).square()
+        # 0 * NaN is NaN: a non-finite norm must mask e, not only zero the scale.
+        e = torch.where(torch.isfinite(norm), e, torch.zeros_like(e))
         p.copy_(p.to(dtype) + e)
 
 

@@ -17,10 +17,11 @@ namespace {
 // Float lanes over short blocks vectorise; each block is flushed to a double so long
 // tensors keep their precision.
 template <typename T>
-double sum_squares(const T* x, const T* w, float eta_a, int64_t n) {
+double sum_squares(const T* x, const T* w, double eta_a, int64_t n) {
   using M = math_t<T>;
   constexpr int64_t kLanes = 16;
   constexpr int64_t kBlock = 1024;
+  const M eta = static_cast<M>(eta_a);
   double total = 0.0;
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
@@ -39,11 +40,11 @@ double sum_squares(const T* x, const T* w, float eta_a, int64_t n) {
     } else {
       for (; i + kLanes <= e; i += kLanes)
         for (int64_t j = 0; j < kLanes; ++j) {
-          const M v = static_cast<M>(x[i + j]) * (std::abs(static_cast<M>(w[i + j])) + static_cast<M>(eta_a));
+          const M v = static_cast<M>(x[i + j]) * (std::abs(static_cast<M>(w[i + j])) + eta);
           lanes[j] += v * v;
         }
       for (; i < e; ++i) {
-        const M v = static_cast<M>(x[i]) * (std::abs(static_cast<M>(w[i])) + static_cast<M>(eta_a));
+        const M v = static_cast<M>(x[i]) * (std::abs(static_cast<M>(w[i])) + eta);
         lanes[0] += v * v;
       }
     }
@@ -75,7 +76,7 @@ at::Tensor grad_norm_cpu(at::TensorList grads, at::TensorList adaptive_grads, at
     dispatch_float(g.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       const T* w = scaled ? ptr<T>(adaptive_params[c.tensor - n_plain]) + c.begin : nullptr;
-      partial[slot] = sum_squares<T>(ptr<T>(g) + c.begin, w, static_cast<float>(eta_a), c.end - c.begin);
+      partial[slot] = sum_squares<T>(ptr<T>(g) + c.begin, w, eta_a, c.end - c.begin);
     });
   });
   double total = 0.0;
@@ -84,10 +85,14 @@ at::Tensor grad_norm_cpu(at::TensorList grads, at::TensorList adaptive_grads, at
   return at::scalar_tensor(std::sqrt(total), at::TensorOptions().dtype(dtype));
 }
 
-// rho / (norm + 1e-16), or 0 when the norm is not finite: the perturbation is then skipped.
-double perturbation_scale(const at::Tensor& norm, double rho) {
-  const double n = norm.item<double>();  // a CPU tensor: no device synchronisation
-  return std::isfinite(n) ? rho / (n + 1e-16) : 0.0;
+void restore_cpu(at::TensorList params, at::TensorList backups) {
+  check_list("restore_", params, "params");
+  check_matches("restore_", params, "params", backups, "backups");
+  for_each_chunk(make_chunks(params), [&](int64_t, const Chunk& c) {
+    const auto size = params[c.tensor].element_size();
+    std::memcpy(static_cast<char*>(params[c.tensor].data_ptr()) + c.begin * size,
+                static_cast<const char*>(backups[c.tensor].data_ptr()) + c.begin * size, (c.end - c.begin) * size);
+  });
 }
 
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& norm,
@@ -96,7 +101,13 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
   check_matches("perturb_", params, "params", grads, "grads");
   check_matches("perturb_", params, "params", backups, "backups");
   check_scalar_on("perturb_", norm, "norm", params);
-  const double scale = perturbation_scale(norm, rho);
+  const double n = norm.item<double>();  // a CPU tensor: no device synchronisation
+  if (!std::isfinite(n)) {
+    // 0 * NaN is NaN: with a non-finite norm the weights stay as they are (backups still written).
+    restore_cpu(backups, params);
+    return;
+  }
+  const double scale = rho / (n + 1e-16);
   for_each_chunk(make_chunks(params), [&](int64_t, const Chunk& c) {
     dispatch_float(params[c.tensor].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
@@ -122,16 +133,6 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
         }
       }
     });
-  });
-}
-
-void restore_cpu(at::TensorList params, at::TensorList backups) {
-  check_list("restore_", params, "params");
-  check_matches("restore_", params, "params", backups, "backups");
-  for_each_chunk(make_chunks(params), [&](int64_t, const Chunk& c) {
-    const auto size = params[c.tensor].element_size();
-    std::memcpy(static_cast<char*>(params[c.tensor].data_ptr()) + c.begin * size,
-                static_cast<const char*>(backups[c.tensor].data_ptr()) + c.begin * size, (c.end - c.begin) * size);
   });
 }
 

@@ -1,0 +1,41 @@
+"""Shared test helpers: which fast backends run here, and dtype-aware comparisons."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import imbsam
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+SIZES = [1, 7, 65537, 278011, 0]
+
+
+def fast_backends() -> list[tuple[str, str]]:
+    """(backend, device) pairs of the compiled backends usable here."""
+    pairs = []
+    if "cpp" in imbsam.available_backends():
+        pairs.append(("cpp", "cpu"))
+    if "cuda" in imbsam.available_backends():
+        pairs.append(("cuda", "cuda"))
+    return pairs
+
+
+FAST = fast_backends()
+fast_backend = pytest.mark.parametrize("backend,device", FAST or [pytest.param("cpp", "cpu", marks=pytest.mark.skip(
+    reason="imbsam._C did not load: " + str(imbsam._library.LOAD_ERROR)))])
+
+
+def max_err(a, b) -> float:
+    a, b = list(a), list(b)
+    errs = [(x.double() - y.double()).abs().max().item() for x, y in zip(a, b) if x.numel()]
+    return max(errs, default=0.0)
+
+
+def assert_close_to_exact(fast, ref_same_dtype, ref_fp64, dtype, slack: float = 2.0) -> None:
+    """The fast result may be off the float64 truth by at most ``slack`` times what the
+    reference in the same dtype is off by (plus one rounding step of the dtype)."""
+    err_fast = max_err(fast, ref_fp64)
+    err_ref = max_err(ref_same_dtype, ref_fp64)
+    scale = max((r.double().abs().max().item() for r in ref_fp64 if r.numel()), default=1.0)
+    ulp = torch.finfo(dtype).eps * max(scale, 1.0)
+    assert err_fast <= slack * err_ref + ulp, f"{dtype}: fast error {err_fast:.3g}, reference error {err_ref:.3g}"

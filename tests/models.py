@@ -1,0 +1,20 @@
+"""A small CNN and data for optimizer tests."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def small_cnn(seed: int = 0, num_classes: int = 10) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes),
+    )
+
+
+def batches(n: int, seed: int = 1, batch: int = 16, num_classes: int = 10):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 8, 8, generator=gen), torch.randint(0, num_classes, (batch,), generator=gen))
+            for _ in range(n)]

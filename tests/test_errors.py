@@ -1,0 +1,99 @@
+"""Bad input gets a clear error naming the problem and what is allowed; nothing is written."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import imbsam
+from conftest import fast_backend
+from models import small_cnn
+
+
+def params():
+    return small_cnn().parameters()
+
+
+@pytest.mark.parametrize("rho", [-0.1, float("nan"), float("inf")])
+def test_bad_rho(rho):
+    with pytest.raises(ValueError, match="rho"):
+        imbsam.SAM(params(), torch.optim.SGD, rho=rho, lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        imbsam.ImbSAM(params(), torch.optim.SGD, rho=rho, lr=0.1)
+
+
+def test_bad_rho_in_a_param_group():
+    model = small_cnn()
+    with pytest.raises(ValueError, match="rho"):
+        imbsam.SAM([{"params": model.parameters(), "rho": -1.0}], torch.optim.SGD, lr=0.1)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'fast'.*allowed"):
+        imbsam.SAM(params(), torch.optim.SGD, backend="fast", lr=0.1)
+
+
+def test_base_optimizer_must_be_a_class():
+    model = small_cnn()
+    with pytest.raises(TypeError, match="optimizer class"):
+        imbsam.SAM(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="subclass of torch.optim.Optimizer"):
+        imbsam.ImbSAM(model.parameters(), dict, lr=0.1)
+
+
+def test_sparse_gradients():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = imbsam.SAM(emb.parameters(), torch.optim.SGD, lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match="sparse|dense gradients"):
+        opt.first_step()
+    assert torch.equal(emb.weight, before)
+
+
+def test_mixed_devices():
+    a = torch.nn.Parameter(torch.randn(3))
+    b = torch.nn.Parameter(torch.randn(3, device="meta"))
+    opt = imbsam.SAM([a, b], torch.optim.SGD, lr=0.1, backend="reference")
+    a.grad, b.grad = torch.ones(3), torch.ones(3, device="meta")
+    with pytest.raises(ValueError, match="more than one device"):
+        opt.first_step()
+
+
+def test_unsupported_parameter_dtype():
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    opt = imbsam.SAM([p], torch.optim.SGD, lr=0.1)
+    p.grad = torch.ones_like(p)
+    with pytest.raises(TypeError, match="complex64.*supported: float32"):
+        opt.first_step()
+
+
+def test_closure_required():
+    with pytest.raises(ValueError, match="closure"):
+        imbsam.SAM(params(), torch.optim.SGD, lr=0.1).step()
+    with pytest.raises(ValueError, match="closure"):
+        imbsam.ImbSAM(params(), torch.optim.SGD, lr=0.1).step()
+
+
+def test_compat_needs_an_optimizer_instance():
+    model = small_cnn()
+    with pytest.raises(TypeError, match="torch.optim.Optimizer instance"):
+        imbsam.compat.SAM(torch.optim.SGD, model, rho=0.05)
+
+
+@fast_backend
+def test_op_rejects_bad_lists(backend, device):
+    ps = [torch.randn(5, device=device), torch.randn(7, device=device)]
+    with pytest.raises(ValueError, match="grads has 1 tensors but params has 2"):
+        torch.ops.imbsam.restore_sgd_step_(ps, ps[:1], ps, [], [], 0.1, 0.0, 0.0, 0.0, False, False, True)
+    with pytest.raises(TypeError, match="dtype Int.*supported dtypes"):
+        torch.ops.imbsam.restore_([torch.zeros(3, dtype=torch.int32, device=device)],
+                                  [torch.zeros(3, dtype=torch.int32, device=device)])
+    with pytest.raises(TypeError, match="backups\\[1\\] is Double"):
+        torch.ops.imbsam.restore_(ps, [ps[0], ps[1].double()])
+    with pytest.raises(ValueError, match="shape"):
+        torch.ops.imbsam.add_head_grads_(ps, [ps[0], torch.randn(8, device=device)])
+    with pytest.raises(ValueError, match="not dense"):
+        view = torch.randn(4, 4, device=device)[:, ::2]
+        torch.ops.imbsam.restore_([view], [view])
+    with pytest.raises(ValueError, match="nesterov"):
+        torch.ops.imbsam.restore_sgd_step_(ps, ps, ps, [], [], 0.1, 0.0, 0.0, 0.0, True, False, True)
