@@ -1,0 +1,129 @@
+"""Optimizer-side SAM and ImbSAM step on a model's parameter list, backend by backend.
+
+Times the work between the backward passes (norm, perturb, restore, combine, SGD) on
+fixed synthetic gradients: reference (per-tensor loop, the paper's algorithm),
+``torch._foreach``, and each compiled backend usable here. Every method is first checked
+against the reference on one step. Prints a table and writes JSON records.
+
+    python benchmarks/bench_optimizer_step.py --out runs/bench/optimizer_step_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import imbsam  # noqa: E402
+from foreach_baseline import ForeachSharpness  # noqa: E402
+from param_lists import model_shapes  # noqa: E402
+from timing import machine_info, median_ms  # noqa: E402
+
+SGD_KW = dict(lr=1e-4, momentum=0.9, weight_decay=1e-3)
+RHO = 0.05
+
+
+class Runner:
+    """One method's optimizer over its own copy of the parameters, driven phase by phase."""
+
+    def __init__(self, method: str, backend: str, shapes, dtype, device, seed=0):
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        make = lambda: [(torch.randn(s, generator=gen) * 1e-2).to(dtype=dtype, device=device) for s in shapes]  # noqa: E731
+        self.params = [torch.nn.Parameter(t) for t in make()]
+        self.grads = {"head": make(), "tail": make(), "tail2": make(), "g": make(), "g2": make()}
+        self.method, self.backend = method, backend
+        if backend == "foreach":
+            self.opt = ForeachSharpness(self.params, RHO, **SGD_KW)
+        elif method == "imbsam":
+            sgd_kw = dict(SGD_KW, foreach=False) if backend == "reference" else SGD_KW
+            self.opt = imbsam.ImbSAM(self.params, torch.optim.SGD, rho=RHO, backend=backend, **sgd_kw)
+        else:
+            sgd_kw = dict(SGD_KW, foreach=False) if backend == "reference" else SGD_KW
+            self.opt = imbsam.SAM(self.params, torch.optim.SGD, rho=RHO, backend=backend, **sgd_kw)
+
+    def _set(self, name):
+        for p, g in zip(self.params, self.grads[name]):
+            p.grad = g
+
+    def step(self):
+        foreach = self.backend == "foreach"
+        if self.method == "imbsam":
+            self._set("head")
+            self.opt.stash() if foreach else self.opt.first_step()
+            self._set("tail")
+            self.opt.perturb() if foreach else self.opt.second_step()
+            self._set("tail2")
+            self.opt.restore_and_step() if foreach else self.opt.third_step()
+        else:
+            self._set("g")
+            self.opt.perturb() if foreach else self.opt.first_step()
+            self._set("g2")
+            self.opt.restore_and_step() if foreach else self.opt.second_step()
+
+
+def check_against_reference(runner: Runner, reference: Runner, dtype) -> float:
+    err = max((a.double() - b.double()).abs().max().item() for a, b in zip(runner.params, reference.params))
+    tol = 1e-6 if dtype in (torch.float32, torch.float64) else 1e-2
+    if err > tol:
+        raise SystemExit(f"{runner.method}/{runner.backend}: differs from the reference by {err:.3g} after one "
+                         f"step (tolerance {tol}); not timing a wrong result")
+    return err
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet34", choices=["resnet34", "vit_b_16"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16,float64")
+    ap.add_argument("--methods", default="imbsam,sam")
+    ap.add_argument("--backends", default=None, help="default: reference, foreach and every compiled one here")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", default="runs/bench/optimizer_step.json")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    # The compiled backends that run on this device (cpp on the CPU; cuda and triton on a GPU).
+    on_device = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}[device.type]
+    compiled = [b for b in imbsam.available_backends() if b in on_device]
+    backends = args.backends.split(",") if args.backends else ["reference", "foreach"] + compiled
+    if backends[0] != "reference":
+        backends.insert(0, "reference")  # every method is checked and compared against it
+    shapes = model_shapes(args.model)
+    info = machine_info(device)
+    n_params = sum(torch.Size(s).numel() for s in shapes)
+    print(f"{args.model}: {n_params / 1e6:.1f} M parameters in {len(shapes)} tensors, device {device} "
+          f"({info.get('gpu') or info.get('cpu')}), torch {info['torch']}, {info['threads']} threads")
+    records = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for method in args.methods.split(","):
+            runners = {b: Runner(method, b, shapes, dtype, device) for b in backends}
+            for runner in runners.values():  # one step each from the same start, checked first
+                runner.step()
+            for backend in backends[1:]:
+                check_against_reference(runners[backend], runners["reference"], dtype)
+            results = {b: median_ms(runners[b].step, device, args.reps) for b in backends}
+            del runners
+            base = results["reference"]
+            for backend, ms in results.items():
+                print(f"  {method:7s} {dtype_name:9s} {backend:10s} {ms:9.2f} ms   {base / ms:5.2f}x vs reference")
+                records.append(dict(bench="optimizer_step", model=args.model, n_params=n_params,
+                                    n_tensors=len(shapes), dtype=dtype_name, method=method, backend=backend,
+                                    ms=round(ms, 4), speedup_vs_reference=round(base / ms, 3), reps=args.reps,
+                                    device=device.type, **info,
+                                    date=datetime.date.today().isoformat(),
+                                    command="python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(tmp, args.out)  # atomic: a killed run never leaves half a file
+    print(f"wrote {len(records)} records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
