@@ -25,6 +25,17 @@ from timing import machine_info, median_ms  # noqa: E402
 
 SGD_KW = dict(lr=1e-4, momentum=0.9, weight_decay=1e-3)
 RHO = 0.05
+# The memory-traffic floor of a fused step in parameter-sized tensor passes (ALGORITHM.md:
+# 44 B/param for ImbSAM and 40 for SAM in fp32, i.e. 11 and 10 element reads/writes).
+FLOOR_PASSES = {"imbsam": 11, "sam": 10}
+
+
+def copy_bandwidth_gbs(n: int, dtype, device, reps: int) -> float:
+    """Read+write GB/s of one big tensor copy: what a memory-bound pass can reach."""
+    src = torch.randn(n, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, reps)
+    return 2 * n * src.element_size() / ms / 1e6
 
 
 class Runner:
@@ -100,6 +111,8 @@ def main(argv=None):
     records = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
+        copy_gbs = copy_bandwidth_gbs(n_params, dtype, device, args.reps)
+        print(f"  copy bandwidth ({dtype_name}, {n_params / 1e6:.1f} M elements): {copy_gbs:.1f} GB/s")
         for method in args.methods.split(","):
             runners = {b: Runner(method, b, shapes, dtype, device) for b in backends}
             for runner in runners.values():  # one step each from the same start, checked first
@@ -109,11 +122,15 @@ def main(argv=None):
             results = {b: median_ms(runners[b].step, device, args.reps) for b in backends}
             del runners
             base = results["reference"]
+            floor_bytes = FLOOR_PASSES[method] * n_params * torch.empty((), dtype=dtype).element_size()
             for backend, ms in results.items():
-                print(f"  {method:7s} {dtype_name:9s} {backend:10s} {ms:9.2f} ms   {base / ms:5.2f}x vs reference")
+                gbs = floor_bytes / ms / 1e6  # floor bytes over time: 100 % of copy = at the floor
+                print(f"  {method:7s} {dtype_name:9s} {backend:10s} {ms:9.2f} ms   {base / ms:5.2f}x vs reference"
+                      f"   {gbs:6.1f} GB/s at the floor's bytes ({100 * gbs / copy_gbs:4.0f} % of copy)")
                 records.append(dict(bench="optimizer_step", model=args.model, n_params=n_params,
                                     n_tensors=len(shapes), dtype=dtype_name, method=method, backend=backend,
                                     ms=round(ms, 4), speedup_vs_reference=round(base / ms, 3), reps=args.reps,
+                                    floor_gbs=round(gbs, 2), copy_gbs=round(copy_gbs, 2),
                                     device=device.type, **info,
                                     date=datetime.date.today().isoformat(),
                                     command="python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))))

@@ -12,6 +12,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "convert.h"
+
 namespace imbsam::cpu {
 
 // 64 Ki elements: big enough that per-chunk overhead vanishes, small enough that two
@@ -59,6 +61,30 @@ void dispatch_float(at::ScalarType dtype, const F& f) {
 template <typename T>
 T* ptr(const at::Tensor& t) {
   return static_cast<T*>(t.data_ptr());
+}
+
+// bf16/fp16 chunks are processed in blocks this long: D float scratch arrays of it stay in L1.
+constexpr int64_t kBlockElems = 512;
+
+// Runs kernel(x, n) over a chunk in math precision, x[d] pointing at list d's values.
+// fp32/fp64 kernels work on the tensors' own memory; bf16/fp16 ones on float scratch
+// blocks, and the lists whose bit is set in kOutMask are rounded back afterwards.
+template <int D, int kOutMask, typename T, typename Kernel>
+void in_math_precision(T* const (&p)[D], int64_t n, const Kernel& kernel) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    kernel(p, n);
+  } else {
+    float scratch[D][kBlockElems];
+    float* x[D];
+    for (int d = 0; d < D; ++d) x[d] = scratch[d];
+    for (int64_t b = 0; b < n; b += kBlockElems) {
+      const int64_t m = std::min(kBlockElems, n - b);
+      for (int d = 0; d < D; ++d) to_float(p[d] + b, scratch[d], m);
+      kernel(x, m);
+      for (int d = 0; d < D; ++d)
+        if (kOutMask & (1 << d)) from_float(scratch[d], p[d] + b, m);
+    }
+  }
 }
 
 }  // namespace imbsam::cpu

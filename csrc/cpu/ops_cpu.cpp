@@ -1,6 +1,6 @@
 // CPU implementations of the imbsam ops (schemas in csrc/ops.cpp, spec in
 // imbsam/reference.py). Each op is one pass over memory, parallel over chunks of all
-// tensors; the inner loops are plain contiguous loops the compiler vectorises.
+// tensors; the inner loops are plain fp32/fp64 loops that the compiler vectorises.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -13,50 +13,35 @@
 namespace imbsam::cpu {
 namespace {
 
-// Sum of squares of x[0..n) (scaled by (|w| + eta_a) when w is given), in double.
-// Float lanes over short blocks vectorise; each block is flushed to a double so long
-// tensors keep their precision.
-template <typename T>
-double sum_squares(const T* x, const T* w, double eta_a, int64_t n) {
-  using M = math_t<T>;
+// Sum of squares of g[0..n) (times (|w| + eta)^2 elementwise when w is given), in
+// double. Float lanes vectorise; each 1 Ki block is flushed into the double total.
+template <typename M>
+double sum_squares(const M* g, const M* w, M eta, int64_t n) {
   constexpr int64_t kLanes = 16;
-  constexpr int64_t kBlock = 1024;
-  const M eta = static_cast<M>(eta_a);
+  constexpr int64_t kFlush = 1024;
   double total = 0.0;
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t e = std::min(n, b + kBlock);
+  for (int64_t b = 0; b < n; b += kFlush) {
+    const int64_t e = std::min(n, b + kFlush);
     M lanes[kLanes] = {};
     int64_t i = b;
     if (w == nullptr) {
       for (; i + kLanes <= e; i += kLanes)
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const M v = static_cast<M>(x[i + j]);
-          lanes[j] += v * v;
-        }
-      for (; i < e; ++i) {
-        const M v = static_cast<M>(x[i]);
-        lanes[0] += v * v;
-      }
+        for (int64_t j = 0; j < kLanes; ++j) lanes[j] += g[i + j] * g[i + j];
+      for (; i < e; ++i) lanes[0] += g[i] * g[i];
     } else {
       for (; i + kLanes <= e; i += kLanes)
         for (int64_t j = 0; j < kLanes; ++j) {
-          const M v = static_cast<M>(x[i + j]) * (std::abs(static_cast<M>(w[i + j])) + eta);
+          const M v = g[i + j] * (std::abs(w[i + j]) + eta);
           lanes[j] += v * v;
         }
       for (; i < e; ++i) {
-        const M v = static_cast<M>(x[i]) * (std::abs(static_cast<M>(w[i])) + eta);
+        const M v = g[i] * (std::abs(w[i]) + eta);
         lanes[0] += v * v;
       }
     }
     for (int64_t j = 0; j < kLanes; ++j) total += static_cast<double>(lanes[j]);
   }
   return total;
-}
-
-bool any_double(at::TensorList a, at::TensorList b) {
-  for (const auto& t : a) if (t.scalar_type() == at::kDouble) return true;
-  for (const auto& t : b) if (t.scalar_type() == at::kDouble) return true;
-  return false;
 }
 
 at::Tensor grad_norm_cpu(at::TensorList grads, at::TensorList adaptive_grads, at::TensorList adaptive_params,
@@ -70,29 +55,45 @@ at::Tensor grad_norm_cpu(at::TensorList grads, at::TensorList adaptive_grads, at
   const auto chunks = make_chunks(all);
   std::vector<double> partial(chunks.size(), 0.0);
   const auto n_plain = static_cast<int64_t>(grads.size());
+  bool any_double = false;
+  for (const auto& t : all) any_double |= t.scalar_type() == at::kDouble;
   for_each_chunk(chunks, [&](int64_t slot, const Chunk& c) {
     const at::Tensor& g = all[c.tensor];
-    const bool scaled = c.tensor >= n_plain;
     dispatch_float(g.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      const T* w = scaled ? ptr<T>(adaptive_params[c.tensor - n_plain]) + c.begin : nullptr;
-      partial[slot] = sum_squares<T>(ptr<T>(g) + c.begin, w, eta_a, c.end - c.begin);
+      using M = math_t<T>;
+      double sum = 0.0;
+      if (c.tensor < n_plain) {
+        T* p[1] = {ptr<T>(g) + c.begin};
+        in_math_precision<1, 0>(p, c.end - c.begin,
+                                [&](M* const* x, int64_t n) { sum += sum_squares<M>(x[0], nullptr, 0, n); });
+      } else {
+        T* p[2] = {ptr<T>(g) + c.begin, ptr<T>(adaptive_params[c.tensor - n_plain]) + c.begin};
+        in_math_precision<2, 0>(p, c.end - c.begin, [&](M* const* x, int64_t n) {
+          sum += sum_squares<M>(x[0], x[1], static_cast<M>(eta_a), n);
+        });
+      }
+      partial[slot] = sum;
     });
   });
   double total = 0.0;
   for (double p : partial) total += p;
-  const auto dtype = any_double(grads, adaptive_grads) ? at::kDouble : at::kFloat;
-  return at::scalar_tensor(std::sqrt(total), at::TensorOptions().dtype(dtype));
+  return at::scalar_tensor(std::sqrt(total), at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat));
+}
+
+// dst <- src for matching lists: a raw copy, bitwise exact in every dtype.
+void copy_lists(at::TensorList dst, at::TensorList src) {
+  for_each_chunk(make_chunks(dst), [&](int64_t, const Chunk& c) {
+    const auto size = dst[c.tensor].element_size();
+    std::memcpy(static_cast<char*>(dst[c.tensor].data_ptr()) + c.begin * size,
+                static_cast<const char*>(src[c.tensor].data_ptr()) + c.begin * size, (c.end - c.begin) * size);
+  });
 }
 
 void restore_cpu(at::TensorList params, at::TensorList backups) {
   check_list("restore_", params, "params");
   check_matches("restore_", params, "params", backups, "backups");
-  for_each_chunk(make_chunks(params), [&](int64_t, const Chunk& c) {
-    const auto size = params[c.tensor].element_size();
-    std::memcpy(static_cast<char*>(params[c.tensor].data_ptr()) + c.begin * size,
-                static_cast<const char*>(backups[c.tensor].data_ptr()) + c.begin * size, (c.end - c.begin) * size);
-  });
+  copy_lists(params, backups);
 }
 
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& norm,
@@ -104,7 +105,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
   const double n = norm.item<double>();  // a CPU tensor: no device synchronisation
   if (!std::isfinite(n)) {
     // 0 * NaN is NaN: with a non-finite norm the weights stay as they are (backups still written).
-    restore_cpu(backups, params);
+    copy_lists(backups, params);
     return;
   }
   const double scale = rho / (n + 1e-16);
@@ -113,25 +114,21 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
       using T = decltype(tag);
       using M = math_t<T>;
       T* w = ptr<T>(params[c.tensor]) + c.begin;
-      const T* g = ptr<T>(grads[c.tensor]) + c.begin;
-      T* b = ptr<T>(backups[c.tensor]) + c.begin;
-      const int64_t n = c.end - c.begin;
-      const M s = static_cast<M>(scale);
-      const M eta = static_cast<M>(eta_a);
-      if (adaptive) {
-        for (int64_t i = 0; i < n; ++i) {
-          const M wi = static_cast<M>(w[i]);
-          const M t = std::abs(wi) + eta;
-          b[i] = w[i];
-          w[i] = static_cast<T>(wi + (s * static_cast<M>(g[i])) * (t * t));
+      std::memcpy(ptr<T>(backups[c.tensor]) + c.begin, w, (c.end - c.begin) * sizeof(T));
+      T* p[2] = {w, ptr<T>(grads[c.tensor]) + c.begin};
+      const M s = static_cast<M>(scale), eta = static_cast<M>(eta_a);
+      in_math_precision<2, 0b01>(p, c.end - c.begin, [&](M* const* x, int64_t len) {
+        M* wx = x[0];
+        const M* gx = x[1];
+        if (adaptive) {
+          for (int64_t i = 0; i < len; ++i) {
+            const M t = std::abs(wx[i]) + eta;
+            wx[i] = wx[i] + (s * gx[i]) * (t * t);
+          }
+        } else {
+          for (int64_t i = 0; i < len; ++i) wx[i] = wx[i] + s * gx[i];
         }
-      } else {
-        for (int64_t i = 0; i < n; ++i) {
-          const M wi = static_cast<M>(w[i]);
-          b[i] = w[i];
-          w[i] = static_cast<T>(wi + s * static_cast<M>(g[i]));
-        }
-      }
+      });
     });
   });
 }
@@ -143,10 +140,10 @@ void add_head_grads_cpu(at::TensorList grads, at::TensorList head_grads) {
     dispatch_float(grads[c.tensor].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       using M = math_t<T>;
-      T* g = ptr<T>(grads[c.tensor]) + c.begin;
-      const T* h = ptr<T>(head_grads[c.tensor]) + c.begin;
-      const int64_t n = c.end - c.begin;
-      for (int64_t i = 0; i < n; ++i) g[i] = static_cast<T>(static_cast<M>(g[i]) + static_cast<M>(h[i]));
+      T* p[2] = {ptr<T>(grads[c.tensor]) + c.begin, ptr<T>(head_grads[c.tensor]) + c.begin};
+      in_math_precision<2, 0b01>(p, c.end - c.begin, [](M* const* x, int64_t n) {
+        for (int64_t i = 0; i < n; ++i) x[0][i] = x[0][i] + x[1][i];
+      });
     });
   });
 }
@@ -156,27 +153,65 @@ struct SgdArgs {
   bool nesterov, maximize, first_momentum_step;
 };
 
-// One element of restore + combine + SGD, in torch.optim.SGD's order of operations.
-// The options are template flags so every combination compiles to a branch-free loop.
-template <typename T, bool kHead, bool kMomentum>
-void sgd_chunk(T* w, const T* g, const T* backup, const T* h, T* buf, int64_t n, const SgdArgs& a) {
+// restore + combine + SGD on math-precision arrays x = (w, g, backup[, g_H][, buf]), in
+// torch.optim.SGD's order of operations; T is the storage type. SGD steps with the
+// momentum buffer as stored in T: for bf16/fp16 a first loop writes d (into g's
+// scratch) and the buffer, the buffer block is rounded, and a second loop steps.
+// The options are template flags so each loop is branch-free.
+template <typename T, bool kHead, bool kMomentum, bool kFirst, bool kNesterov>
+void sgd_math(math_t<T>* const* x, int64_t n, const SgdArgs& a) {
   using M = math_t<T>;
+  constexpr bool kExactBuffer = std::is_same_v<T, float> || std::is_same_v<T, double>;
   const M lr = static_cast<M>(a.lr), mom = static_cast<M>(a.momentum), wd = static_cast<M>(a.weight_decay);
   const M keep = static_cast<M>(1.0 - a.dampening);
   const M sign = a.maximize ? M(-1) : M(1);
-  for (int64_t i = 0; i < n; ++i) {
-    const M wi = static_cast<M>(backup[i]);
-    M d = static_cast<M>(g[i]);
-    if constexpr (kHead) d += static_cast<M>(h[i]);
-    d = sign * d + wd * wi;
-    if constexpr (kMomentum) {
-      const M nb = a.first_momentum_step ? d : mom * static_cast<M>(buf[i]) + keep * d;
-      const T stored = static_cast<T>(nb);
-      buf[i] = stored;
-      d = a.nesterov ? d + mom * static_cast<M>(stored) : static_cast<M>(stored);
+  M* w = x[0];
+  M* g = x[1];
+  const M* backup = x[2];
+  const M* h = kHead ? x[3] : nullptr;
+  M* buf = kMomentum ? x[3 + kHead] : nullptr;
+  if constexpr (!kMomentum || kExactBuffer) {
+    for (int64_t i = 0; i < n; ++i) {
+      const M wi = backup[i];
+      M d = g[i];
+      if constexpr (kHead) d += h[i];
+      d = sign * d + wd * wi;
+      if constexpr (kMomentum) {
+        buf[i] = kFirst ? d : mom * buf[i] + keep * d;
+        d = kNesterov ? d + mom * buf[i] : buf[i];
+      }
+      w[i] = wi - lr * d;
     }
-    w[i] = static_cast<T>(wi - lr * d);
+  } else {
+    M* d = g;  // g is float scratch here, free to overwrite
+    for (int64_t i = 0; i < n; ++i) {
+      M di = g[i];
+      if constexpr (kHead) di += h[i];
+      di = sign * di + wd * backup[i];
+      d[i] = di;
+      buf[i] = kFirst ? di : mom * buf[i] + keep * di;
+    }
+    round_block<T>(buf, n);
+    for (int64_t i = 0; i < n; ++i) w[i] = backup[i] - lr * (kNesterov ? d[i] + mom * buf[i] : buf[i]);
   }
+}
+
+template <typename T, bool kHead, bool kMomentum>
+void sgd_chunk(T* w, T* g, T* backup, T* h, T* buf, int64_t n, const SgdArgs& a) {
+  using M = math_t<T>;
+  constexpr int D = 3 + kHead + kMomentum;
+  T* p[D];
+  p[0] = w, p[1] = g, p[2] = backup;
+  if constexpr (kHead) p[3] = h;
+  if constexpr (kMomentum) p[3 + kHead] = buf;
+  constexpr int kOut = 1 | (kMomentum ? 1 << (D - 1) : 0);
+  in_math_precision<D, kOut>(p, n, [&](M* const* x, int64_t len) {
+    if (!kMomentum) sgd_math<T, kHead, kMomentum, false, false>(x, len, a);
+    else if (a.first_momentum_step && a.nesterov) sgd_math<T, kHead, kMomentum, true, true>(x, len, a);
+    else if (a.first_momentum_step) sgd_math<T, kHead, kMomentum, true, false>(x, len, a);
+    else if (a.nesterov) sgd_math<T, kHead, kMomentum, false, true>(x, len, a);
+    else sgd_math<T, kHead, kMomentum, false, false>(x, len, a);
+  });
 }
 
 void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
@@ -201,7 +236,7 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
 
   // Reading these CPU scalars is no host-device synchronisation.
   if (found_inf && found_inf->item<double>() != 0.0) {
-    restore_cpu(params, backups);
+    copy_lists(params, backups);
     return;
   }
   const SgdArgs args{lr_tensor ? lr_tensor->item<double>() : lr, momentum, dampening, weight_decay,
@@ -210,9 +245,9 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
     dispatch_float(params[c.tensor].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       T* w = ptr<T>(params[c.tensor]) + c.begin;
-      const T* g = ptr<T>(grads[c.tensor]) + c.begin;
-      const T* b = ptr<T>(backups[c.tensor]) + c.begin;
-      const T* h = has_head ? ptr<T>(head_grads[c.tensor]) + c.begin : nullptr;
+      T* g = ptr<T>(grads[c.tensor]) + c.begin;
+      T* b = ptr<T>(backups[c.tensor]) + c.begin;
+      T* h = has_head ? ptr<T>(head_grads[c.tensor]) + c.begin : nullptr;
       T* buf = has_momentum ? ptr<T>(momentum_buffers[c.tensor]) + c.begin : nullptr;
       const int64_t n = c.end - c.begin;
       if (has_head && has_momentum) sgd_chunk<T, true, true>(w, g, b, h, buf, n, args);

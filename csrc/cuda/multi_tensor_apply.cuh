@@ -1,0 +1,159 @@
+// Multi-tensor apply: D parallel tensor lists are cut into chunks, and the tensor
+// addresses and chunk assignments travel inside the kernel's arguments, so one launch
+// covers many tensors; when the metadata is full the launcher launches and starts over.
+// Each block handles one chunk of one tensor.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace imbsam::cuda {
+
+// 64 Ki elements a block: enough work per block to hide launch and tail effects, and
+// a 21 M-parameter list still gives hundreds of blocks for 132 SMs.
+constexpr int64_t kChunkSize = 1 << 16;
+constexpr int kBlockSize = 512;
+// Kernel arguments are limited to 4 KiB on older toolkits: these caps keep the
+// metadata of every depth (1..5 lists) below that.
+constexpr int kMaxTensors[5] = {110, 64, 48, 36, 30};
+constexpr int kMaxBlocks = 320;
+
+template <int D>
+struct TensorListMetadata {
+  void* addresses[D][kMaxTensors[D - 1]];
+  int64_t sizes[kMaxTensors[D - 1]];
+  unsigned char block_to_tensor[kMaxBlocks];
+  int block_to_chunk[kMaxBlocks];
+};
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T val[V];
+};
+
+// fp32 math for bf16/fp16/fp32 storage, fp64 math for fp64 storage.
+template <typename T>
+struct MathType {
+  using type = float;
+};
+template <>
+struct MathType<double> {
+  using type = double;
+};
+template <typename T>
+using math_t = typename MathType<T>::type;
+
+// Pointers and length of the chunk this block owns.
+template <int D, typename T>
+__device__ __forceinline__ int64_t chunk_pointers(const TensorListMetadata<D>& tl, T* (&ptrs)[D]) {
+  const int t = tl.block_to_tensor[blockIdx.x];
+  const int64_t offset = static_cast<int64_t>(tl.block_to_chunk[blockIdx.x]) * kChunkSize;
+  for (int d = 0; d < D; ++d) ptrs[d] = static_cast<T*>(tl.addresses[d][t]) + offset;
+  const int64_t left = tl.sizes[t] - offset;
+  return left < kChunkSize ? left : kChunkSize;
+}
+
+// Applies op(x) to every element of the chunk, x[d] holding list d's value in math
+// precision; lists whose bit is set in kOutMask are written back. 16-byte vector loads
+// where every pointer is aligned, then a guarded scalar tail.
+template <int D, int kOutMask, typename T, typename Op>
+__device__ __forceinline__ void elementwise_chunk(T* const (&p)[D], int64_t n, const Op& op) {
+  using M = math_t<T>;
+  constexpr int V = 16 / sizeof(T);
+  bool aligned = true;
+  for (int d = 0; d < D; ++d) aligned &= (reinterpret_cast<uintptr_t>(p[d]) % 16 == 0);
+  int64_t vec_end = aligned ? (n / V) * V : 0;
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * V; i < vec_end; i += static_cast<int64_t>(blockDim.x) * V) {
+    Vec<T, V> r[D];
+#pragma unroll
+    for (int d = 0; d < D; ++d) r[d] = *reinterpret_cast<const Vec<T, V>*>(p[d] + i);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      M x[D];
+#pragma unroll
+      for (int d = 0; d < D; ++d) x[d] = static_cast<M>(r[d].val[v]);
+      op(x);
+#pragma unroll
+      for (int d = 0; d < D; ++d)
+        if (kOutMask & (1 << d)) r[d].val[v] = static_cast<T>(x[d]);
+    }
+#pragma unroll
+    for (int d = 0; d < D; ++d)
+      if (kOutMask & (1 << d)) *reinterpret_cast<Vec<T, V>*>(p[d] + i) = r[d];
+  }
+  for (int64_t i = vec_end + threadIdx.x; i < n; i += blockDim.x) {
+    M x[D];
+#pragma unroll
+    for (int d = 0; d < D; ++d) x[d] = static_cast<M>(p[d][i]);
+    op(x);
+#pragma unroll
+    for (int d = 0; d < D; ++d)
+      if (kOutMask & (1 << d)) p[d][i] = static_cast<T>(x[d]);
+  }
+}
+
+template <int D, typename Functor, typename... Args>
+__global__ void __launch_bounds__(kBlockSize)
+    multi_tensor_kernel(const __grid_constant__ TensorListMetadata<D> tl, int64_t block_offset, Functor f,
+                        Args... args) {
+  f(tl, block_offset, args...);
+}
+
+// Total blocks that multi_tensor_apply will run over `lists[0]` (the norm sizes its
+// partial-sum buffer with this).
+inline int64_t count_chunks(const std::vector<at::Tensor>& tensors) {
+  int64_t n = 0;
+  for (const auto& t : tensors) n += (t.numel() + kChunkSize - 1) / kChunkSize;
+  return n;
+}
+
+// Launches Functor over D lists of equal length (list 0 decides the sizes). The block
+// offset counts blocks across relaunches, so a functor can write one slot per chunk.
+template <int D, typename Functor, typename... Args>
+void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, Functor f, Args... args) {
+  static_assert(D >= 1 && D <= 5, "depth 1..5");
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  TensorListMetadata<D> tl;
+  int tensors = 0, blocks = 0;
+  int64_t block_offset = 0;
+  const size_t n_tensors = lists[0].size();
+  for (size_t t = 0; t < n_tensors; ++t) {
+    const int64_t numel = lists[0][t].numel();
+    if (numel == 0) continue;
+    for (int d = 0; d < D; ++d) tl.addresses[d][tensors] = lists[d][t].data_ptr();
+    tl.sizes[tensors] = numel;
+    ++tensors;
+    const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
+    for (int64_t c = 0; c < chunks; ++c) {
+      tl.block_to_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
+      tl.block_to_chunk[blocks] = static_cast<int>(c);
+      ++blocks;
+      const bool blocks_full = blocks == kMaxBlocks;
+      const bool tensors_full = tensors == kMaxTensors[D - 1] && c == chunks - 1;
+      const bool last = t == n_tensors - 1 && c == chunks - 1;
+      if (blocks_full || tensors_full || last) {
+        multi_tensor_kernel<D><<<blocks, kBlockSize, 0, stream>>>(tl, block_offset, f, args...);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        block_offset += blocks;
+        blocks = 0;
+        if (c == chunks - 1) {
+          tensors = 0;
+        } else {  // the current tensor continues in the next launch, as entry 0
+          for (int d = 0; d < D; ++d) tl.addresses[d][0] = tl.addresses[d][tensors - 1];
+          tl.sizes[0] = tl.sizes[tensors - 1];
+          tensors = 1;
+        }
+      }
+    }
+  }
+  if (blocks > 0) {  // trailing empty tensors can leave the last launch pending
+    multi_tensor_kernel<D><<<blocks, kBlockSize, 0, stream>>>(tl, block_offset, f, args...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace imbsam::cuda
