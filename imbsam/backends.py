@@ -6,9 +6,9 @@ import warnings
 
 import torch
 
-from imbsam import _library, ops, reference
+from imbsam import _library, ops, reference, triton_ops
 
-BACKENDS = ("auto", "reference", "cpp", "cuda")
+BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
 
 _warned_fallback = False
 
@@ -20,6 +20,8 @@ def available_backends() -> list[str]:
         names.append("cpp")
     if torch.cuda.is_available() and _library.has_kernel("CUDA"):
         names.append("cuda")
+    if triton_ops.usable_on("cuda") or triton_ops.usable_on("cpu"):
+        names.append("triton")
     return names
 
 
@@ -32,6 +34,8 @@ def check_backend_name(backend: str) -> None:
 
 
 def _why_unavailable(backend: str) -> str:
+    if backend == "triton":
+        return triton_ops.why_unusable()
     if not _library.LOADED:
         return f"the compiled library did not load: {_library.LOAD_ERROR}"
     if backend == "cuda" and not torch.cuda.is_available():
@@ -43,14 +47,20 @@ def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for tensors on ``device``; ``auto`` picks the fastest usable one."""
     global _warned_fallback
     if backend == "auto":
-        want = "cuda" if device.type == "cuda" else "cpp"
-        if want in available_backends():
-            return want
+        # The fastest usable backend for the device: compiled kernels, then Triton.
+        for want in (("cuda", "triton") if device.type == "cuda" else ("cpp",)):
+            if want in available_backends():
+                return want
         if not _warned_fallback:
             _warned_fallback = True
             warnings.warn(f"imbsam: backend='auto' falls back to the slow 'reference' backend on {device.type}: "
-                          f"{_why_unavailable(want)}", RuntimeWarning, stacklevel=3)
+                          f"{_why_unavailable('cuda' if device.type == 'cuda' else 'cpp')}", RuntimeWarning,
+                          stacklevel=3)
         return "reference"
+    if backend == "triton":
+        if not triton_ops.usable_on(device.type):
+            raise ValueError(f"backend 'triton' cannot run on {device} tensors: {triton_ops.why_unusable()}")
+        return backend
     expected = {"cpp": "cpu", "cuda": "cuda"}.get(backend)
     if expected is not None and device.type != expected:
         raise ValueError(f"backend {backend!r} runs on {expected} tensors, but the parameters are on {device}; "
@@ -60,4 +70,4 @@ def resolve(backend: str, device: torch.device) -> str:
 
 def ops_for(concrete_backend: str) -> types.ModuleType:
     """The module whose functions implement the ops for a concrete (non-auto) backend."""
-    return reference if concrete_backend == "reference" else ops
+    return {"reference": reference, "triton": triton_ops}.get(concrete_backend, ops)

@@ -1,10 +1,17 @@
 """Shared test helpers: which fast backends run here, and dtype-aware comparisons."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-import imbsam
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter; the flag
+# must be set before the kernels are defined (on import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import imbsam  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SIZES = [1, 7, 65537, 278011, 0]
@@ -17,6 +24,8 @@ def fast_backends() -> list[tuple[str, str]]:
         pairs.append(("cpp", "cpu"))
     if "cuda" in imbsam.available_backends():
         pairs.append(("cuda", "cuda"))
+    if "triton" in imbsam.available_backends():
+        pairs.append(("triton", "cuda" if torch.cuda.is_available() else "cpu"))
     return pairs
 
 

@@ -1,0 +1,64 @@
+"""Input checks of the Python-registered (Triton) ops: the same messages as csrc/checks.h."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_list(op: str, ts: Sequence[Tensor], name: str) -> None:
+    for i, t in enumerate(ts):
+        if t.layout != torch.strided:
+            raise TypeError(f"imbsam.{op}: {name}[{i}] is a sparse tensor; only dense (strided) tensors are supported")
+        if t.device != ts[0].device:
+            raise ValueError(f"imbsam.{op}: {name}[{i}] is on {t.device} but {name}[0] is on {ts[0].device}; "
+                             "all tensors of one call must be on one device")
+        if t.dtype not in SUPPORTED:
+            raise TypeError(f"imbsam.{op}: {name}[{i}] has dtype {t.dtype}; supported dtypes are float32, float64, "
+                            "bfloat16 and float16")
+        if t.numel() and not t.is_contiguous() and not _dense(t):
+            raise ValueError(f"imbsam.{op}: {name}[{i}] is not dense in memory (a view with gaps or overlaps); "
+                             "pass dense tensors")
+
+
+def _dense(t: Tensor) -> bool:
+    # Dense in some dimension order: the strides, sorted, are those of a contiguous tensor.
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def check_matches(op: str, ref: Sequence[Tensor], ref_name: str, other: Sequence[Tensor], other_name: str) -> None:
+    if len(ref) != len(other):
+        raise ValueError(f"imbsam.{op}: {other_name} has {len(other)} tensors but {ref_name} has {len(ref)}; "
+                         "they must pair up one to one")
+    for i, (r, o) in enumerate(zip(ref, other)):
+        if o.layout != torch.strided:
+            raise TypeError(f"imbsam.{op}: {other_name}[{i}] is a sparse tensor; only dense (strided) tensors "
+                            "are supported")
+        if o.device != r.device:
+            raise ValueError(f"imbsam.{op}: {other_name}[{i}] is on {o.device} but {ref_name}[{i}] is on "
+                             f"{r.device}; all tensors of one call must be on one device")
+        if o.dtype != r.dtype:
+            raise TypeError(f"imbsam.{op}: {other_name}[{i}] is {o.dtype} but {ref_name}[{i}] is {r.dtype}; "
+                            "each must have its parameter's dtype")
+        if o.shape != r.shape:
+            raise ValueError(f"imbsam.{op}: {other_name}[{i}] has shape {tuple(o.shape)} but {ref_name}[{i}] has "
+                             f"shape {tuple(r.shape)}")
+        if o.numel() and o.stride() != r.stride():
+            raise ValueError(f"imbsam.{op}: {other_name}[{i}] has strides {o.stride()} but {ref_name}[{i}] has "
+                             f"strides {r.stride()}; each must share its parameter's memory layout")
+
+
+def check_scalar_on(op: str, s: Tensor, name: str, ref: Sequence[Tensor]) -> None:
+    if s.numel() != 1:
+        raise ValueError(f"imbsam.{op}: {name} must hold one value, got shape {tuple(s.shape)}")
+    if ref and s.device != ref[0].device:
+        raise ValueError(f"imbsam.{op}: {name} is on {s.device} but the tensors are on {ref[0].device}")
