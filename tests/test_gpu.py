@@ -1,0 +1,116 @@
+"""GPU-only checks (skipped without CUDA): whole SAM / ImbSAM steps captured in a CUDA
+graph replay like eager, and the fused path never synchronises with the host.
+
+The op and trajectory matrices of test_ops.py / test_optimizers.py run on the GPU too:
+their backend list gains ("cuda", "cuda") and ("triton", "cuda") there.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import imbsam
+from conftest import max_err
+from models import small_cnn
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU_BACKENDS = [b for b in ("cuda", "triton") if b in imbsam.available_backends()]
+COUNTS = [500, 400, 300, 200, 150, 100, 60, 15, 10, 5]
+
+
+def make_opt(kind, model, backend):
+    cls = imbsam.ImbSAM if kind == "imbsam" else imbsam.SAM
+    return cls(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, lr=0.05, momentum=0.9,
+               weight_decay=1e-3)
+
+
+def full_step(kind, model, opt, split, x, y):
+    if kind == "imbsam":
+        head, tail = split(model(x), y)
+        head.backward(retain_graph=True)
+        opt.first_step()
+        tail.backward()
+        opt.second_step()
+        split(model(x), y)[1].backward()
+        opt.third_step()
+    else:
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step()
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_cuda_graph_replay_matches_eager(backend, kind):
+    torch.backends.cudnn.deterministic = True
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, 8, 8, generator=gen).cuda(), torch.randint(0, 10, (16,), generator=gen).cuda())
+               for _ in range(6)]
+    model = small_cnn().cuda()
+    eager_model = copy.deepcopy(model)
+    opt, eager_opt = make_opt(kind, model, backend), make_opt(kind, eager_model, backend)
+    split = imbsam.HeadTailLoss(COUNTS).cuda()
+    static_x, static_y = batches[0][0].clone(), batches[0][1].clone()
+
+    # Warm up on a side stream (allocations, momentum buffers, table caches), as the
+    # CUDA-graph recipe asks; the eager twin takes the same steps.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in batches[:3]:
+            static_x.copy_(x), static_y.copy_(y)
+            full_step(kind, model, opt, split, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    for x, y in batches[:3]:
+        full_step(kind, eager_model, eager_opt, split, x, y)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        full_step(kind, model, opt, split, static_x, static_y)
+    for x, y in batches[3:]:
+        static_x.copy_(x), static_y.copy_(y)
+        graph.replay()
+        full_step(kind, eager_model, eager_opt, split, x, y)
+    torch.cuda.synchronize()
+    assert max_err(model.parameters(), eager_model.parameters()) < 1e-4
+    assert max_err(model.buffers(), eager_model.buffers()) < 1e-4
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_fused_step_does_not_sync(backend):
+    model = small_cnn().cuda()
+    opt = make_opt("imbsam", model, backend)
+    split = imbsam.HeadTailLoss(COUNTS).cuda()
+    x, y = torch.randn(16, 3, 8, 8, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    full_step("imbsam", model, opt, split, x, y)  # first step allocates
+
+    def no_sync(phase):  # any host synchronisation inside the phase raises
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            phase()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    head, tail = split(model(x), y)
+    head.backward(retain_graph=True)
+    no_sync(opt.first_step)
+    tail.backward()
+    no_sync(opt.second_step)
+    split(model(x), y)[1].backward()
+    no_sync(opt.third_step)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_non_finite_gradient_is_skipped_on_the_device(backend):
+    model = small_cnn().cuda()
+    opt = make_opt("sam", model, backend)
+    x, y = torch.randn(16, 3, 8, 8, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    full_step("sam", model, opt, None, x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    x[0, 0, 0, 0] = float("inf")
+    full_step("sam", model, opt, None, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
