@@ -9,40 +9,10 @@
 
 #include "../checks.h"
 #include "multi_tensor_cpu.h"
+#include "sum_squares.h"
 
 namespace imbsam::cpu {
 namespace {
-
-// Sum of squares of g[0..n) (times (|w| + eta)^2 elementwise when w is given), in
-// double. Float lanes vectorise; each 1 Ki block is flushed into the double total.
-template <typename M>
-double sum_squares(const M* g, const M* w, M eta, int64_t n) {
-  constexpr int64_t kLanes = 16;
-  constexpr int64_t kFlush = 1024;
-  double total = 0.0;
-  for (int64_t b = 0; b < n; b += kFlush) {
-    const int64_t e = std::min(n, b + kFlush);
-    M lanes[kLanes] = {};
-    int64_t i = b;
-    if (w == nullptr) {
-      for (; i + kLanes <= e; i += kLanes)
-        for (int64_t j = 0; j < kLanes; ++j) lanes[j] += g[i + j] * g[i + j];
-      for (; i < e; ++i) lanes[0] += g[i] * g[i];
-    } else {
-      for (; i + kLanes <= e; i += kLanes)
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const M v = g[i + j] * (std::abs(w[i + j]) + eta);
-          lanes[j] += v * v;
-        }
-      for (; i < e; ++i) {
-        const M v = g[i] * (std::abs(w[i]) + eta);
-        lanes[0] += v * v;
-      }
-    }
-    for (int64_t j = 0; j < kLanes; ++j) total += static_cast<double>(lanes[j]);
-  }
-  return total;
-}
 
 at::Tensor grad_norm_cpu(at::TensorList grads, at::TensorList adaptive_grads, at::TensorList adaptive_params,
                          double eta_a) {
@@ -66,11 +36,11 @@ at::Tensor grad_norm_cpu(at::TensorList grads, at::TensorList adaptive_grads, at
       if (c.tensor < n_plain) {
         T* p[1] = {ptr<T>(g) + c.begin};
         in_math_precision<1, 0>(p, c.end - c.begin,
-                                [&](M* const* x, int64_t n) { sum += sum_squares<M>(x[0], nullptr, 0, n); });
+                                [&](M* const* x, int64_t n) { sum += sum_squares(x[0], static_cast<const M*>(nullptr), M(0), n); });
       } else {
         T* p[2] = {ptr<T>(g) + c.begin, ptr<T>(adaptive_params[c.tensor - n_plain]) + c.begin};
         in_math_precision<2, 0>(p, c.end - c.begin, [&](M* const* x, int64_t n) {
-          sum += sum_squares<M>(x[0], x[1], static_cast<M>(eta_a), n);
+          sum += sum_squares(x[0], x[1], static_cast<M>(eta_a), n);
         });
       }
       partial[slot] = sum;
