@@ -1,0 +1,91 @@
+"""A whole training iteration (forward, backward(s), optimizer): SGD, SAM and ImbSAM.
+
+ResNet-34 with a CIFAR stem on 32x32 batches (the paper's setting). Variants:
+  eager  fp32, as the paper's loop runs; SAM/ImbSAM on the reference and fused backends
+  fast   bf16 autocast, channels-last and the whole step captured in a CUDA graph
+         (fused backends only: the reference path reads the skip flag on the host)
+
+    python benchmarks/bench_train_iter.py --device cuda --out runs/bench/train_iter.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import imbsam  # noqa: E402
+from imbsam.data import long_tail_counts  # noqa: E402
+from imbsam.models import resnet34_cifar  # noqa: E402
+from imbsam.train_step import GraphedStep, make_step  # noqa: E402
+from timing import machine_info, median_ms  # noqa: E402
+
+
+def build(method, backend, variant, device, num_classes):
+    torch.manual_seed(0)
+    model = resnet34_cifar(num_classes).to(device)
+    graphed = variant == "fast"
+    if graphed:
+        model = model.to(memory_format=torch.channels_last)
+    # A device tensor lr: a captured graph reads it, so schedulers keep working after capture.
+    lr = torch.tensor(0.01, device=device) if graphed else 0.01
+    kw = dict(lr=lr, momentum=0.9, weight_decay=1e-3)
+    if method == "sgd":  # torch's own fused SGD: no host sync with a tensor lr
+        opt = torch.optim.SGD(model.parameters(), fused=graphed and device.type == "cuda", **kw)
+    elif method == "sam":
+        opt = imbsam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, **kw)
+    else:
+        opt = imbsam.ImbSAM(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, **kw)
+    split = imbsam.HeadTailLoss(long_tail_counts(500, num_classes, 100)).to(device)
+    step = make_step(method, model, opt, split, autocast_dtype=torch.bfloat16 if graphed else None)
+    return GraphedStep(step) if graphed else step
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--num-classes", type=int, default=100)
+    ap.add_argument("--variants", default="eager,fast")
+    ap.add_argument("--methods", default="sgd,sam,imbsam")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--out", default="runs/bench/train_iter.json")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    fused = [b for b in imbsam.available_backends() if b in {"cpu": ("cpp",), "cuda": ("cuda", "triton")}[device.type]]
+    info = machine_info(device)
+    print(f"ResNet-34 (CIFAR stem), batch {args.batch}, on {info.get('gpu') or info.get('cpu')}")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(device)
+    records = []
+    for variant in args.variants.split(","):
+        if variant == "fast" and device.type != "cuda":
+            print("  (the fast variant needs CUDA graphs: skipped)")
+            continue
+        xv = x.to(memory_format=torch.channels_last) if variant == "fast" else x
+        for method in args.methods.split(","):
+            names = ["torch"] if method == "sgd" else (fused if variant == "fast" else ["reference"] + fused)
+            for backend in names:
+                step = build(method, backend, variant, device, args.num_classes)
+                ms = median_ms(lambda: step(xv, y), device, args.reps, warmup=5)
+                print(f"  {variant:5s} {method:7s} {backend:10s} {ms:8.2f} ms/iter")
+                records.append(dict(bench="train_iter", model="resnet34", batch=args.batch, variant=variant,
+                                    dtype="bfloat16-autocast" if variant == "fast" else "float32", method=method,
+                                    backend=backend, ms=round(ms, 3), reps=args.reps, device=device.type, **info,
+                                    date=datetime.date.today().isoformat(),
+                                    command="python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))))
+                del step
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {len(records)} records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The long-tailed profile (LDAM-DRW's recipe, used by the paper) and the class splits."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+
+def long_tail_counts(n_max: int, num_classes: int, imb_factor: float) -> list[int]:
+    """Class ``c`` keeps ``int(n_max * (1 / imb_factor) ** (c / (C - 1)))`` samples.
+
+    CIFAR-100 with ``imb_factor=100``: 500, 477, ..., 5 (10,847 in all).
+    """
+    if imb_factor < 1:
+        raise ValueError(f"imb_factor must be >= 1 (1 is balanced), got {imb_factor}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if num_classes == 1:
+        return [n_max]
+    return [int(n_max * (1.0 / imb_factor) ** (c / (num_classes - 1))) for c in range(num_classes)]
+
+
+def shot_split(counts: Sequence[int], many: Optional[float] = None, few: Optional[float] = None) -> list[str]:
+    """'many' for ``n_c > many``, 'few' for ``n_c < few``, else 'medium'.
+
+    Defaults are the paper's thresholds relative to the largest class: ``many = n_max / 5``
+    and ``few = n_max / 25`` (100 and 20 on CIFAR-100-LT).
+    """
+    n_max = max(counts)
+    many = n_max / 5 if many is None else many
+    few = n_max / 25 if few is None else few
+    return ["many" if n > many else "few" if n < few else "medium" for n in counts]

@@ -1,0 +1,116 @@
+"""One training iteration of SGD, SAM or ImbSAM, and its CUDA-graph capture.
+
+The steps never read a value on the host: losses and logits come back as device
+tensors, the head/tail split is masked, and the optimizers' fused paths do not sync,
+so a whole step can be captured in a CUDA graph and replayed.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from imbsam.losses import HeadTailLoss
+
+METHODS = ("sgd", "sam", "imbsam")
+
+
+def _autocast(x: Tensor, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=x.device.type, dtype=dtype)
+
+
+def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[HeadTailLoss] = None,
+              autocast_dtype: Optional[torch.dtype] = None) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """A function ``step(x, y) -> (loss, logits)`` for one iteration; both outputs detached.
+
+    ``sgd``: a plain optimizer step. ``sam``: the two SAM phases on the same batch.
+    ``imbsam``: head and tail losses from ``split`` (required), the three ImbSAM phases;
+    the reported loss is head + tail. ``logits`` are those of the first forward pass.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    if method == "imbsam" and split is None:
+        raise ValueError("the imbsam step needs a HeadTailLoss `split`")
+
+    def forward(x):
+        with _autocast(x, autocast_dtype):
+            return model(x)
+
+    def sgd(x, y):
+        logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), logits.detach()
+
+    def sam(x, y):
+        logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        optimizer.first_step(zero_grad=True)
+        F.cross_entropy(forward(x).float(), y).backward()
+        optimizer.second_step(zero_grad=True)
+        return loss.detach(), logits.detach()
+
+    def imbsam(x, y):
+        logits = forward(x)
+        head, tail = split(logits, y)
+        head.backward(retain_graph=True)
+        optimizer.first_step()
+        tail.backward()
+        optimizer.second_step()
+        split(forward(x), y)[1].backward()  # the paper's full-batch second forward
+        optimizer.third_step()
+        return (head + tail).detach(), logits.detach()
+
+    return {"sgd": sgd, "sam": sam, "imbsam": imbsam}[method]
+
+
+class GraphedStep:
+    """A step captured once in a CUDA graph and replayed on new batches of the same shape.
+
+    The first ``warmup`` calls run eagerly on a side stream (the CUDA-graph recipe: they
+    allocate momentum buffers, backups and kernel caches); the next call captures.
+    Inputs are copied into static buffers; the outputs are static tensors overwritten
+    by every replay (clone them to keep them).
+    """
+
+    def __init__(self, step: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], warmup: int = 3):
+        self.step = step
+        self.warmup = warmup
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.static_x: Optional[Tensor] = None
+        self.static_y: Optional[Tensor] = None
+        self.outputs: Optional[tuple[Tensor, Tensor]] = None
+        self._calls = 0
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.static_x is None:
+            self.static_x, self.static_y = x.clone(), y.clone()
+        elif x.shape != self.static_x.shape:
+            raise ValueError(f"a captured step replays one batch shape {tuple(self.static_x.shape)}, got "
+                             f"{tuple(x.shape)}; drop the last partial batch (drop_last=True)")
+        self.static_x.copy_(x)
+        self.static_y.copy_(y)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        self._calls += 1
+        if self._calls <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step(self.static_x, self.static_y)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self.step(self.static_x, self.static_y)
+        self.graph.replay()  # capture only records: run the step for this batch
+        return self.outputs
