@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command on a fresh machine: a virtualenv in .venv, torch, the compiled extension
-# (CPU kernels, plus the CUDA ones when nvcc is found), then the main job: the
-# optimizer-step benchmark on this machine, every backend side by side.
+# (CPU kernels, plus the CUDA ones when nvcc is found), Fashion-MNIST (Debian's
+# package), then the main jobs, offline: the optimizer-step benchmark with every
+# backend side by side, and a short long-tailed demo (Fashion-MNIST-LT, IF 100) with
+# SGD, SAM and ImbSAM on the fused backend, ending in their Many/Medium/Few/All table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,3 +26,26 @@ echo "   built in $(( $(date +%s) - start )) s"
 
 echo "== optimizer-step benchmark: ResNet-34 (CIFAR stem) parameter list"
 "$PY" benchmarks/bench_optimizer_step.py --reps "${BENCH_REPS:-10}" --out runs/bench/optimizer_step_cpu.json
+
+FMNIST=/usr/share/datasets/fashion-mnist
+if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
+  echo "== installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get install -y -qq dataset-fashion-mnist > /dev/null || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist > /dev/null; }
+  else
+    sudo apt-get install -y -qq dataset-fashion-mnist > /dev/null
+  fi
+fi
+
+# The demo: ResNet-32 on Fashion-MNIST-LT, the paper's optimizer recipe, a few epochs
+# (CPU-sized; the full 200-epoch runs are in the README).
+EPOCHS=${DEMO_EPOCHS:-3}
+DEMO=runs/demo-fmnist-lt
+rm -rf "$DEMO"  # a demo starts fresh (the trainer never overwrites a checkpoint by itself)
+for opt in sgd sam imbsam; do
+  echo "== demo: $opt, $EPOCHS epochs"
+  "$PY" -m imbsam.train --dataset fmnist-lt --imb-factor 100 --model resnet32 --opt "$opt" \
+    --epochs "$EPOCHS" --no-download --out "$DEMO/$opt" ${DEMO_FLAGS:-}
+done
+echo
+"$PY" -m imbsam.train.table "$DEMO/sgd" "$DEMO/sam" "$DEMO/imbsam"

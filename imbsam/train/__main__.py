@@ -1,0 +1,3 @@
+from imbsam.train import main
+
+main()

@@ -1,0 +1,66 @@
+"""The training CLI's options; the defaults are the paper's CIFAR-100-LT recipe (ALGORITHM.md)."""
+from __future__ import annotations
+
+import argparse
+
+from imbsam.data.sources import DATASETS
+from imbsam.models import MODELS
+from imbsam.train_step import METHODS
+
+PAPER_SEED = 9826
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m imbsam.train",
+        description="Train a long-tailed classifier with SGD, SAM or ImbSAM and report Many/Medium/Few/All "
+                    "accuracy. Defaults are the paper's CIFAR-100-LT recipe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = ap.add_argument_group("data")
+    d.add_argument("--dataset", default="cifar100-lt", choices=DATASETS)
+    d.add_argument("--data-root", default=None,
+                   help="folder holding cifar-*-python/ or the Fashion-MNIST .gz files (default: ./data for CIFAR, "
+                        "/usr/share/datasets/fashion-mnist for Fashion-MNIST)")
+    d.add_argument("--imb-factor", type=float, default=100.0, help="largest / smallest class size")
+    d.add_argument("--no-download", action="store_true", help="never download; fail if no copy is found")
+    d.add_argument("--skip-checksum", action="store_true", help="accept CIFAR files whose md5 differs")
+    m = ap.add_argument_group("model and optimizer")
+    m.add_argument("--model", default="resnet34", choices=MODELS)
+    m.add_argument("--opt", default="imbsam", choices=METHODS)
+    m.add_argument("--rho", type=float, default=0.05)
+    m.add_argument("--eta", type=float, default=None,
+                   help="ImbSAM's tail threshold: classes with fewer training images are tail (default n_max/25)")
+    m.add_argument("--tail-weight", type=float, default=2.0, help="factor on the tail loss (the paper's loop: 2)")
+    m.add_argument("--backend", default="auto", help="imbsam backend: auto, reference, cpp, cuda, triton")
+    m.add_argument("--lr", type=float, default=0.01)
+    m.add_argument("--momentum", type=float, default=0.9)
+    m.add_argument("--weight-decay", type=float, default=1e-3)
+    t = ap.add_argument_group("run")
+    t.add_argument("--epochs", type=int, default=200)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--seed", type=int, default=PAPER_SEED)
+    t.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    t.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast for the forward passes")
+    t.add_argument("--channels-last", action="store_true")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole step in a CUDA graph (drops the last partial batch of each epoch)")
+    t.add_argument("--eval-every", type=int, default=1, help="test every N epochs (and always after the last)")
+    t.add_argument("--out", default="runs/train", help="output folder: checkpoint, metrics, plots, log")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--max-epochs-this-run", type=int, default=None,
+                   help="stop after this many epochs (resume later): splits a long run into sessions")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
+    return ap
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.epochs < 1:
+        raise SystemExit(f"--epochs must be >= 1, got {args.epochs}")
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.rho < 0:
+        raise SystemExit(f"--rho must be >= 0, got {args.rho}")
+    if args.imb_factor < 1:
+        raise SystemExit(f"--imb-factor must be >= 1, got {args.imb_factor}")
+    if args.eval_every < 1:
+        raise SystemExit(f"--eval-every must be >= 1, got {args.eval_every}")

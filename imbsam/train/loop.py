@@ -1,0 +1,73 @@
+"""One training epoch and the test evaluation, both without per-iteration host syncs."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+# The progress bar reads the device counters this often (each read is a host sync).
+PROGRESS_EVERY = 20
+
+
+def train_epoch(step: Callable, loader, lr_of: Callable[[], float], progress: bool, desc: str) -> dict:
+    """Runs ``step(x, y) -> (loss, logits)`` over the loader; loss and accuracy stay on the device."""
+    device = loader.labels.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(loader), desc=desc, leave=False, mininterval=1.0, dynamic_ncols=True)
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(loader):
+        loss, logits = step(x, y)
+        loss_sum += loss.float() * y.numel()
+        correct += (logits.argmax(1) == y).sum()
+        seen += y.numel()
+        if bar is not None:
+            bar.update(1)
+            if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == len(loader):
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
+                                lr=f"{lr_of():.2e}", img_s=f"{seen / elapsed:.0f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    total_loss, total_correct = loss_sum.item(), correct.item()  # one sync per epoch
+    seconds = time.perf_counter() - start
+    return dict(train_loss=total_loss / max(seen, 1), train_acc=100 * total_correct / max(seen, 1),
+                images=seen, train_s=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0)
+
+
+@torch.no_grad()
+def per_class_accuracy(model: torch.nn.Module, loader, num_classes: int,
+                       autocast_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Percent correct per class; the logits are averaged with the horizontally flipped image."""
+    device = loader.labels.device
+    correct = torch.zeros(num_classes, device=device)
+    total = torch.zeros(num_classes, device=device)
+    was_training = model.training
+    model.eval()
+    amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype
+           else contextlib.nullcontext())
+    with amp:
+        for x, y in loader:
+            logits = model(x).float() + model(x.flip(3)).float()
+            hits = (logits.argmax(1) == y).float()
+            correct.scatter_add_(0, y, hits)  # no bincount: its output size would need a host sync
+            total.scatter_add_(0, y, torch.ones_like(hits))
+    model.train(was_training)
+    return (100 * correct / total.clamp_min(1)).cpu()
+
+
+def group_accuracy(per_class: Tensor, groups: list[str]) -> dict:
+    """Mean per-class accuracy over Many / Medium / Few classes and over all (the paper's ALL)."""
+    out = {}
+    for name in ("many", "medium", "few"):
+        idx = [i for i, g in enumerate(groups) if g == name]
+        out[name] = float(per_class[idx].mean()) if idx else float("nan")
+    out["all"] = float(per_class.mean())
+    return out

@@ -1,0 +1,81 @@
+"""The Many/Medium/Few/All table and the PNG plots of a run."""
+from __future__ import annotations
+
+import math
+import os
+
+
+def format_table(rows: list[tuple[str, dict]], title: str = "") -> str:
+    """rows: (label, {'many', 'medium', 'few', 'all'}) -> an aligned text table."""
+    lines = [title] if title else []
+    lines.append(f"{'':40s} {'Many':>6s} {'Medium':>7s} {'Few':>6s} {'All':>6s}")
+    for label, m in rows:
+        cells = [("   -  " if m.get(k) is None or math.isnan(m[k]) else f"{m[k]:6.1f}") for k in
+                 ("many", "medium", "few", "all")]
+        lines.append(f"{label:40s} {cells[0]:>6s} {cells[1]:>7s} {cells[2]:>6s} {cells[3]:>6s}")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_per_class(per_class: list[float], counts: list[int], groups: list[str], title: str, path: str) -> None:
+    """Per-class test accuracy against the class's training count (log scale), by group."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+    for g in ("many", "medium", "few"):
+        xs = [c for c, gg in zip(counts, groups) if gg == g]
+        ys = [a for a, gg in zip(per_class, groups) if gg == g]
+        if xs:
+            ax.scatter(xs, ys, s=22, c=colours[g], label=f"{g} ({len(xs)} classes)", alpha=0.85)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(history: list[dict], title: str, path: str) -> None:
+    """Training loss, training accuracy and the test Many/Medium/Few/All accuracy per epoch."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [h["epoch"] for h in history]
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker=".")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.grid(alpha=0.3)
+    ax_acc.plot(epochs, [h["train_acc"] for h in history], label="train (batch)", color="grey", ls="--",
+                marker=".")
+    tested = [h for h in history if "all" in h]
+    for key, colour in (("many", "tab:blue"), ("medium", "tab:orange"), ("few", "tab:red"), ("all", "black")):
+        ax_acc.plot([h["epoch"] for h in tested], [h[key] for h in tested], marker=".", label=f"test {key}",
+                    color=colour)
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_plots(metrics: dict, history: list[dict], out: str) -> list[str]:
+    title = f"{metrics['dataset']} (IF {metrics['imb_factor']:g}), {metrics['model']}, {metrics['opt']}"
+    paths = [os.path.join(out, "per_class_accuracy.png"), os.path.join(out, "training_curves.png")]
+    plot_per_class(metrics["per_class"], metrics["counts"], metrics["groups"], title, paths[0])
+    plot_curves(history, title, paths[1])
+    return paths

@@ -1,0 +1,170 @@
+"""A whole training run: data, model, optimizer, epochs, checkpoints, metrics, plots."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+
+import imbsam
+from imbsam.data import shot_split
+from imbsam.data.device_loader import DeviceLoader
+from imbsam.data.sources import load_dataset
+from imbsam.models import build_model
+from imbsam.train.checkpoint import load_checkpoint, save_checkpoint, write_json
+from imbsam.train.config import validate
+from imbsam.train.loop import group_accuracy, per_class_accuracy, train_epoch
+from imbsam.train.report import format_table, save_plots
+from imbsam.train_step import GraphedStep, make_step
+
+# Options that must match between a checkpoint and the run that resumes it.
+RESUME_KEYS = ("dataset", "imb_factor", "model", "opt", "rho", "eta", "tail_weight", "lr", "momentum",
+               "weight_decay", "epochs", "batch_size", "seed", "amp", "cuda_graph")
+
+
+class Log:
+    """Prints and appends to OUT/train.log."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        print(msg, flush=True)
+        with open(self.path, "a") as f:
+            f.write(msg + "\n")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device is visible")
+    return device
+
+
+def build_optimizer(args, model, device):
+    # A device tensor lr under CUDA graphs: the captured step reads it, the scheduler updates it.
+    lr = torch.tensor(args.lr, device=device) if args.cuda_graph else args.lr
+    kw = dict(lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    if args.opt == "sgd":
+        return torch.optim.SGD(model.parameters(), fused=args.cuda_graph, **kw)
+    cls = imbsam.SAM if args.opt == "sam" else imbsam.ImbSAM
+    return cls(model.parameters(), torch.optim.SGD, rho=args.rho, backend=args.backend, **kw)
+
+
+def current_lr(optimizer) -> float:
+    lr = optimizer.param_groups[0]["lr"]
+    return float(lr)
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    """Trains as ``args`` say; returns the final metrics (None when stopped early to resume)."""
+    validate(args)
+    device = resolve_device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit("--cuda-graph needs a CUDA device")
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if os.path.exists(ckpt_path) and not args.resume:
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    log = Log(os.path.join(args.out, "train.log"))
+
+    data = load_dataset(args.dataset, args.data_root, args.imb_factor, download=not args.no_download,
+                        verify=not args.skip_checksum)
+    counts, groups = data.counts, shot_split(data.counts)
+    eta = args.eta if args.eta is not None else max(counts) / 25
+    args.eta = eta
+    split = imbsam.HeadTailLoss(counts, threshold=eta, tail_weight=args.tail_weight).to(device)
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, data.num_classes, data.channels).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(args, model, device)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=0.0)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    train_loader = DeviceLoader(data.train_x, data.train_y, args.batch_size, data.mean, data.std, device, train=True,
+                                generator=generator, drop_last=args.cuda_graph, channels_last=args.channels_last)
+    test_loader = DeviceLoader(data.test_x, data.test_y, 500, data.mean, data.std, device, train=False,
+                               channels_last=args.channels_last)
+    amp = torch.bfloat16 if args.amp == "bf16" else None
+    step = make_step(args.opt, model, optimizer, split, autocast_dtype=amp)
+    if args.cuda_graph:
+        step = GraphedStep(step)
+
+    start_epoch, history, wall = 0, [], 0.0
+    if args.resume:
+        ck = load_checkpoint(ckpt_path, device)
+        mismatched = [k for k in RESUME_KEYS if ck["args"].get(k) != getattr(args, k)]
+        if mismatched:
+            raise SystemExit("--resume with options that differ from the checkpoint's: " + ", ".join(
+                f"{k}={getattr(args, k)!r} (checkpoint: {ck['args'].get(k)!r})" for k in mismatched))
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        generator.set_state(ck["data_rng"].cpu())  # generator states are CPU byte tensors
+        torch.set_rng_state(ck["torch_rng"].cpu())
+        start_epoch, history, wall = ck["epoch"], ck["history"], ck["wall_s"]
+        log(f"resumed from {ckpt_path} after epoch {start_epoch}")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    backend = "-" if args.opt == "sgd" else optimizer._engine.concrete_backend(device)
+    log(f"{data.name} (IF {args.imb_factor:g}): {len(data.train_y)} training images in {data.num_classes} classes "
+        f"({counts[0]} ... {counts[-1]}), {len(data.test_y)} test images; tail classes (n < {eta:g}): "
+        f"{int(split.tail_classes.sum())}; {args.model} ({n_params / 1e6:.2f} M parameters) on {device}; "
+        f"{args.opt} (backend {backend}), {args.epochs} epochs, batch {args.batch_size}")
+
+    stop_after = None if args.max_epochs_this_run is None else start_epoch + args.max_epochs_this_run
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.perf_counter()
+        lr = current_lr(optimizer)
+        stats = train_epoch(step, train_loader, lambda: current_lr(optimizer), progress=not args.no_progress,
+                            desc=f"epoch {epoch + 1}/{args.epochs}")
+        scheduler.step()
+        record = dict(epoch=epoch + 1, lr=lr, **stats)
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            per_class = per_class_accuracy(model, test_loader, data.num_classes, amp)
+            record.update(group_accuracy(per_class, groups), per_class=[round(float(a), 2) for a in per_class])
+        record["epoch_s"] = time.perf_counter() - t0
+        wall += record["epoch_s"]
+        history.append(record)
+        tested = (f" | test many {record['many']:.1f} medium {record['medium']:.1f} few {record['few']:.1f} "
+                  f"all {record['all']:.1f}" if "all" in record else "")
+        log(f"epoch {epoch + 1:3d}/{args.epochs} lr {lr:.2e} loss {stats['train_loss']:.4f} "
+            f"acc {stats['train_acc']:5.1f} {stats['images_per_s']:7.0f} img/s {record['epoch_s']:6.1f} s{tested}")
+        save_checkpoint(ckpt_path, dict(
+            epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), data_rng=generator.get_state(), torch_rng=torch.get_rng_state(),
+            history=history, wall_s=wall, args=vars(args)))
+        write_json(os.path.join(args.out, "history.json"), history)
+        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < args.epochs:
+            log(f"stopped after epoch {epoch + 1} (--max-epochs-this-run); continue with the same command "
+                "and --resume")
+            return None
+    return finish(args, data, counts, groups, history, wall, device, backend, log)
+
+
+def finish(args, data, counts, groups, history, wall, device, backend, log) -> dict:
+    final = history[-1]
+    tested = [h for h in history if "all" in h]
+    best = max(tested, key=lambda h: h["all"])
+    metrics = dict(
+        many=final["many"], medium=final["medium"], few=final["few"], all=final["all"],
+        opt=args.opt, dataset=args.dataset, imb_factor=args.imb_factor, model=args.model, epochs=args.epochs,
+        wall_s=round(wall, 1), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        backend=backend, torch=torch.__version__, date=datetime.date.today().isoformat(),
+        command="python -m imbsam.train " + " ".join(sys.argv[1:]),
+        best_epoch_selected_on_test=dict(epoch=best["epoch"], **{k: best[k] for k in ("many", "medium", "few", "all")}),
+        per_class=final["per_class"], counts=counts, groups=groups, eta=args.eta, rho=args.rho,
+        args={k: v for k, v in vars(args).items()})
+    write_json(os.path.join(args.out, "metrics.json"), metrics)
+    plots = save_plots(metrics, history, args.out)
+    log(format_table([(f"{args.opt}, final epoch {final['epoch']}", final),
+                      (f"{args.opt}, best epoch {best['epoch']} (selected on test)", best)],
+                     title=f"{data.name} (IF {args.imb_factor:g}), {args.model}, test accuracy (%)"))
+    log(f"wrote {os.path.join(args.out, 'metrics.json')}, {', '.join(plots)} ({wall:.0f} s of training)")
+    return metrics

@@ -1,0 +1,70 @@
+"""The training CLI end to end on the CPU, on synthetic CIFAR files in the real format."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from imbsam.train import main
+from synthetic_data import write_cifar
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    return write_cifar(str(tmp_path_factory.mktemp("cifar")), 10, per_class=24, test_per_class=4)
+
+
+def args(root, out, *extra):
+    return ["--dataset", "cifar10-lt", "--data-root", root, "--imb-factor", "10", "--no-download",
+            "--skip-checksum", "--model", "resnet32", "--batch-size", "16", "--epochs", "2", "--device", "cpu",
+            "--out", out, "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("opt", ["sgd", "sam", "imbsam"])
+def test_end_to_end_writes_metrics_and_plots(cifar_root, tmp_path, opt):
+    out = str(tmp_path / opt)
+    metrics = main(args(cifar_root, out, "--opt", opt))
+    with open(os.path.join(out, "metrics.json")) as f:
+        saved = json.load(f)
+    for key in ("many", "medium", "few", "all", "opt", "dataset", "epochs", "wall_s", "device"):
+        assert key in saved, key
+    assert saved["opt"] == opt and saved["dataset"] == "cifar10-lt" and saved["epochs"] == 2
+    assert 0 <= saved["all"] <= 100 and saved == json.loads(json.dumps(metrics))
+    assert saved["best_epoch_selected_on_test"]["epoch"] in (1, 2)
+    for png in ("per_class_accuracy.png", "training_curves.png"):
+        with open(os.path.join(out, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.isfile(os.path.join(out, "checkpoint.pt"))
+
+
+def test_resume_continues_identically(cifar_root, tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    main(args(cifar_root, straight, "--opt", "imbsam"))
+    assert main(args(cifar_root, split, "--opt", "imbsam", "--max-epochs-this-run", "1")) is None
+    first = torch.load(os.path.join(split, "checkpoint.pt"), weights_only=False)
+    assert first["epoch"] == 1
+    main(args(cifar_root, split, "--opt", "imbsam", "--resume"))
+    a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
+    b = torch.load(os.path.join(split, "checkpoint.pt"), weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ma = json.load(open(os.path.join(straight, "metrics.json")))
+    mb = json.load(open(os.path.join(split, "metrics.json")))
+    assert ma["per_class"] == mb["per_class"]
+
+
+def test_refuses_to_overwrite_a_checkpoint(cifar_root, tmp_path):
+    out = str(tmp_path / "run")
+    main(args(cifar_root, out, "--opt", "sgd", "--epochs", "1"))
+    with pytest.raises(SystemExit, match="--resume"):
+        main(args(cifar_root, out, "--opt", "sgd", "--epochs", "1"))
+
+
+def test_resume_rejects_changed_options(cifar_root, tmp_path):
+    out = str(tmp_path / "run")
+    main(args(cifar_root, out, "--opt", "sgd", "--max-epochs-this-run", "1"))
+    with pytest.raises(SystemExit, match="rho"):
+        main(args(cifar_root, out, "--opt", "sgd", "--rho", "0.1", "--resume"))
