@@ -8,8 +8,6 @@ Every backend's result is checked against the reference before it is timed.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 
@@ -19,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imbsam  # noqa: E402
 from imbsam import backends, reference  # noqa: E402
 from param_lists import model_shapes  # noqa: E402
-from timing import machine_info, median_ms  # noqa: E402
+from bench_common import machine_info, median_ms, record_meta, write_records  # noqa: E402
 
 # Tensor passes each op makes over memory (reads + writes), as in ALGORITHM.md.
 PASSES = {"grad_norm": 1, "perturb_": 4, "restore_": 2, "add_head_grads_": 3, "restore_sgd_step_": 6}
@@ -104,14 +102,9 @@ def main(argv=None):
                                     method="-", backend=name, ms=round(ms, 4), gbs=round(gbs, 2),
                                     copy_gbs=round(copy_gbs, 2), read_gbs=round(read_gbs, 2),
                                     pct_of_bound=round(100 * gbs / bound, 1), reps=args.reps, device=device.type,
-                                    **info, date=datetime.date.today().isoformat(),
-                                    command="python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))))
+                                    **info, **record_meta(argv)))
             del L
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
-    print(f"wrote {len(records)} records to {args.out}")
+    write_records(args.out, records)
 
 
 if __name__ == "__main__":

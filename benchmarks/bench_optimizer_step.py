@@ -10,8 +10,6 @@ against the reference on one step. Prints a table and writes JSON records.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 
@@ -21,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imbsam  # noqa: E402
 from foreach_baseline import ForeachSharpness  # noqa: E402
 from param_lists import model_shapes  # noqa: E402
-from timing import machine_info, median_ms  # noqa: E402
+from bench_common import machine_info, median_ms, record_meta, write_records  # noqa: E402
 
 SGD_KW = dict(lr=1e-4, momentum=0.9, weight_decay=1e-3)
 RHO = 0.05
@@ -132,14 +130,8 @@ def main(argv=None):
                                     ms=round(ms, 4), speedup_vs_reference=round(base / ms, 3), reps=args.reps,
                                     floor_gbs=round(gbs, 2), copy_gbs=round(copy_gbs, 2),
                                     device=device.type, **info,
-                                    date=datetime.date.today().isoformat(),
-                                    command="python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(tmp, args.out)  # atomic: a killed run never leaves half a file
-    print(f"wrote {len(records)} records to {args.out}")
+                                    **record_meta(argv)))
+    write_records(args.out, records)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ ResNet-34 with a CIFAR stem on 32x32 batches (the paper's setting). Variants:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 
@@ -22,7 +20,7 @@ import imbsam  # noqa: E402
 from imbsam.data import long_tail_counts  # noqa: E402
 from imbsam.models import resnet34_cifar  # noqa: E402
 from imbsam.train_step import GraphedStep, make_step  # noqa: E402
-from timing import machine_info, median_ms  # noqa: E402
+from bench_common import machine_info, median_ms, record_meta, write_records  # noqa: E402
 
 
 def build(method, backend, variant, device, num_classes):
@@ -77,14 +75,9 @@ def main(argv=None):
                 records.append(dict(bench="train_iter", model="resnet34", batch=args.batch, variant=variant,
                                     dtype="bfloat16-autocast" if variant == "fast" else "float32", method=method,
                                     backend=backend, ms=round(ms, 3), reps=args.reps, device=device.type, **info,
-                                    date=datetime.date.today().isoformat(),
-                                    command="python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))))
+                                    **record_meta(argv)))
                 del step
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
-    print(f"wrote {len(records)} records to {args.out}")
+    write_records(args.out, records)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 
 namespace imbsam {
@@ -66,6 +67,25 @@ inline void check_scalar_on(const char* op, const at::Tensor& s, const char* nam
     TORCH_CHECK_VALUE(s.device() == ref[0].device(), "imbsam.", op, ": ", name, " is on ", s.device(),
                       " but the tensors are on ", ref[0].device());
   }
+}
+
+// Everything restore_sgd_step_ requires of its lists and options, on any device.
+inline void check_sgd_step(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                           at::TensorList head_grads, at::TensorList momentum_buffers, double momentum,
+                           double dampening, bool nesterov, const std::optional<at::Tensor>& lr_tensor,
+                           const std::optional<at::Tensor>& found_inf) {
+  const char* op = "restore_sgd_step_";
+  check_list(op, params, "params");
+  check_matches(op, params, "params", grads, "grads");
+  check_matches(op, params, "params", backups, "backups");
+  if (!head_grads.empty()) check_matches(op, params, "params", head_grads, "head_grads");
+  if (momentum != 0.0) check_matches(op, params, "params", momentum_buffers, "momentum_buffers");
+  TORCH_CHECK_VALUE(momentum != 0.0 || momentum_buffers.empty(), "imbsam.", op,
+                    ": momentum is 0 but momentum_buffers were given; pass an empty list");
+  TORCH_CHECK_VALUE(!nesterov || (momentum > 0 && dampening == 0), "imbsam.", op,
+                    ": nesterov needs momentum > 0 and dampening == 0");
+  if (lr_tensor) check_scalar_on(op, *lr_tensor, "lr_tensor", params);
+  if (found_inf) check_scalar_on(op, *found_inf, "found_inf", params);
 }
 
 }  // namespace imbsam

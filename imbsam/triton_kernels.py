@@ -24,6 +24,15 @@ def _ptr(addrs, t, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _chunk(sizes, chunk_tensor, chunk_start, CHUNK: tl.constexpr):
+    """This program's tensor and its element range [start, end)."""
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor + pid)
+    start = tl.load(chunk_start + pid)
+    return t, start, tl.minimum(start + CHUNK, tl.load(sizes + t))
+
+
+@triton.jit
 def _store_cast(x, DTYPE: tl.constexpr):
     """x (math precision) rounded to nearest even in DTYPE, as torch rounds.
 
@@ -42,10 +51,7 @@ def _store_cast(x, DTYPE: tl.constexpr):
 def sum_squares_kernel(g_addrs, w_addrs, sizes, chunk_tensor, chunk_start, partials, eta,
                        ADAPTIVE: tl.constexpr, DTYPE: tl.constexpr, MATH: tl.constexpr,
                        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor + pid)
-    start = tl.load(chunk_start + pid)
-    end = tl.minimum(start + CHUNK, tl.load(sizes + t))
+    t, start, end = _chunk(sizes, chunk_tensor, chunk_start, CHUNK)
     g_ptr = _ptr(g_addrs, t, DTYPE)
     acc = tl.zeros([BLOCK], dtype=MATH)
     for s in range(start, end, BLOCK):
@@ -56,17 +62,14 @@ def sum_squares_kernel(g_addrs, w_addrs, sizes, chunk_tensor, chunk_start, parti
             w = tl.load(_ptr(w_addrs, t, DTYPE) + offs, mask=mask, other=0).to(MATH)
             v = v * (tl.abs(w) + eta)
         acc += v * v
-    tl.store(partials + pid, tl.sum(acc, axis=0).to(tl.float64))
+    tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0).to(tl.float64))
 
 
 @triton.jit
 def perturb_kernel(w_addrs, g_addrs, b_addrs, sizes, chunk_tensor, chunk_start, norm_ptr, rho, eta,
                    ADAPTIVE: tl.constexpr, DTYPE: tl.constexpr, MATH: tl.constexpr,
                    CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor + pid)
-    start = tl.load(chunk_start + pid)
-    end = tl.minimum(start + CHUNK, tl.load(sizes + t))
+    t, start, end = _chunk(sizes, chunk_tensor, chunk_start, CHUNK)
     w_ptr = _ptr(w_addrs, t, DTYPE)
     g_ptr = _ptr(g_addrs, t, DTYPE)
     b_ptr = _ptr(b_addrs, t, DTYPE)
@@ -90,10 +93,7 @@ def perturb_kernel(w_addrs, g_addrs, b_addrs, sizes, chunk_tensor, chunk_start, 
 @triton.jit
 def copy_kernel(dst_addrs, src_addrs, sizes, chunk_tensor, chunk_start, DTYPE: tl.constexpr,
                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor + pid)
-    start = tl.load(chunk_start + pid)
-    end = tl.minimum(start + CHUNK, tl.load(sizes + t))
+    t, start, end = _chunk(sizes, chunk_tensor, chunk_start, CHUNK)
     dst = _ptr(dst_addrs, t, DTYPE)
     src = _ptr(src_addrs, t, DTYPE)
     for s in range(start, end, BLOCK):
@@ -105,10 +105,7 @@ def copy_kernel(dst_addrs, src_addrs, sizes, chunk_tensor, chunk_start, DTYPE: t
 @triton.jit
 def add_kernel(g_addrs, h_addrs, sizes, chunk_tensor, chunk_start, DTYPE: tl.constexpr, MATH: tl.constexpr,
                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor + pid)
-    start = tl.load(chunk_start + pid)
-    end = tl.minimum(start + CHUNK, tl.load(sizes + t))
+    t, start, end = _chunk(sizes, chunk_tensor, chunk_start, CHUNK)
     g_ptr = _ptr(g_addrs, t, DTYPE)
     h_ptr = _ptr(h_addrs, t, DTYPE)
     for s in range(start, end, BLOCK):
@@ -129,10 +126,7 @@ def sgd_kernel(w_addrs, g_addrs, b_addrs, h_addrs, buf_addrs, sizes, chunk_tenso
     ``found_inf_ptr`` always points at a 0-d float32 (zero when the caller has none):
     nonzero restores w and leaves the buffers alone.
     """
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor + pid)
-    start = tl.load(chunk_start + pid)
-    end = tl.minimum(start + CHUNK, tl.load(sizes + t))
+    t, start, end = _chunk(sizes, chunk_tensor, chunk_start, CHUNK)
     w_ptr = _ptr(w_addrs, t, DTYPE)
     g_ptr = _ptr(g_addrs, t, DTYPE)
     b_ptr = _ptr(b_addrs, t, DTYPE)

@@ -10,10 +10,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import imbsam
 from conftest import max_err
+from imbsam.train_step import make_step
 from models import small_cnn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -28,19 +28,7 @@ def make_opt(kind, model, backend):
 
 
 def full_step(kind, model, opt, split, x, y):
-    if kind == "imbsam":
-        head, tail = split(model(x), y)
-        head.backward(retain_graph=True)
-        opt.first_step()
-        tail.backward()
-        opt.second_step()
-        split(model(x), y)[1].backward()
-        opt.third_step()
-    else:
-        F.cross_entropy(model(x), y).backward()
-        opt.first_step()
-        F.cross_entropy(model(x), y).backward()
-        opt.second_step()
+    make_step(kind, model, opt, split)(x, y)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import imbsam
 from conftest import fast_backend, max_err
+from imbsam.train_step import make_step
 from models import batches, small_cnn
 
 # Tail classes 7, 8, 9: most batches hold some, and the test data has one batch without.
@@ -17,20 +18,11 @@ SGD_KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 
 def sam_step(model, opt, x, y):
-    F.cross_entropy(model(x), y).backward()
-    opt.first_step(zero_grad=True)
-    F.cross_entropy(model(x), y).backward()
-    opt.second_step(zero_grad=True)
+    make_step("sam", model, opt)(x, y)
 
 
 def imbsam_step(model, opt, x, y, split):
-    head, tail = split(model(x), y)
-    head.backward(retain_graph=True)
-    opt.first_step()
-    tail.backward()
-    opt.second_step()
-    split(model(x), y)[1].backward()
-    opt.third_step()
+    make_step("imbsam", model, opt, split)(x, y)
 
 
 def train(kind, backend, steps=6, base=torch.optim.SGD, base_kw=SGD_KW, data=None, model=None, opt=None):

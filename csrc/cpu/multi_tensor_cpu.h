@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "../dtypes.h"
 
 namespace imbsam::cpu {
 
@@ -45,18 +46,6 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
 // fp32 math for bf16/fp16/fp32 storage, fp64 math for fp64 storage.
 template <typename T>
 using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// Calls f(T{}) with the storage type of `dtype` (only the four supported dtypes reach here).
-template <typename F>
-void dispatch_float(at::ScalarType dtype, const F& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kDouble: f(double{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    default: TORCH_CHECK(false, "imbsam: unsupported dtype ", dtype);
-  }
-}
 
 template <typename T>
 T* ptr(const at::Tensor& t) {

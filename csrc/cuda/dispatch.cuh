@@ -7,8 +7,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <map>
 #include <vector>
+
+#include "../dtypes.h"
 
 namespace imbsam::cuda {
 
@@ -35,18 +36,6 @@ inline std::vector<std::vector<at::Tensor>> pick(std::initializer_list<at::Tenso
     out.push_back(std::move(v));
   }
   return out;
-}
-
-// Calls f(T{}) with the storage type of `dtype` (checks.h has rejected the others).
-template <typename F>
-void dispatch_float(at::ScalarType dtype, const F& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kDouble: f(double{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    default: TORCH_CHECK(false, "imbsam: unsupported dtype ", dtype);
-  }
 }
 
 // A 0-d float32 or float64 device scalar read inside kernels, so nothing syncs.

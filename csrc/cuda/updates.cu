@@ -147,20 +147,10 @@ void restore_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
                            double dampening, double weight_decay, bool nesterov, bool maximize,
                            bool first_momentum_step, const std::optional<at::Tensor>& lr_tensor,
                            const std::optional<at::Tensor>& found_inf) {
-  const char* op = "restore_sgd_step_";
-  check_list(op, params, "params");
-  check_matches(op, params, "params", grads, "grads");
-  check_matches(op, params, "params", backups, "backups");
+  check_sgd_step(params, grads, backups, head_grads, momentum_buffers, momentum, dampening, nesterov, lr_tensor,
+                 found_inf);
   const bool has_head = !head_grads.empty();
-  if (has_head) check_matches(op, params, "params", head_grads, "head_grads");
   const bool has_momentum = momentum != 0.0;
-  if (has_momentum) check_matches(op, params, "params", momentum_buffers, "momentum_buffers");
-  TORCH_CHECK_VALUE(has_momentum || momentum_buffers.empty(), "imbsam.", op,
-                    ": momentum is 0 but momentum_buffers were given; pass an empty list");
-  TORCH_CHECK_VALUE(!nesterov || (momentum > 0 && dampening == 0), "imbsam.", op,
-                    ": nesterov needs momentum > 0 and dampening == 0");
-  if (lr_tensor) check_scalar_on(op, *lr_tensor, "lr_tensor", params);
-  if (found_inf) check_scalar_on(op, *found_inf, "found_inf", params);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   // The kernels read float32 scalars; other dtypes are converted on the device.

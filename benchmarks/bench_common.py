@@ -1,7 +1,11 @@
-"""Median wall time of a callable: CUDA events on the GPU, perf_counter on the CPU."""
+"""What the benchmarks share: device-aware median timing, machine info, result records."""
 from __future__ import annotations
 
+import datetime
+import json
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -38,3 +42,18 @@ def machine_info(device: torch.device) -> dict:
         except (OSError, StopIteration):
             info["cpu"] = "unknown"
     return info
+
+
+def record_meta(argv) -> dict:
+    """The date and the exact command, for every record a benchmark writes."""
+    return dict(date=datetime.date.today().isoformat(),
+                command="python " + " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])))
+
+
+def write_records(path: str, records: list) -> None:
+    """Writes the records as JSON atomically: a killed run never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {len(records)} records to {path}")
