@@ -47,12 +47,11 @@ class Runner:
         self.method, self.backend = method, backend
         if backend == "foreach":
             self.opt = ForeachSharpness(self.params, RHO, **SGD_KW)
-        elif method == "imbsam":
-            sgd_kw = dict(SGD_KW, foreach=False) if backend == "reference" else SGD_KW
-            self.opt = imbsam.ImbSAM(self.params, torch.optim.SGD, rho=RHO, backend=backend, **sgd_kw)
         else:
+            # The reference is the per-tensor loop throughout, its SGD step included.
             sgd_kw = dict(SGD_KW, foreach=False) if backend == "reference" else SGD_KW
-            self.opt = imbsam.SAM(self.params, torch.optim.SGD, rho=RHO, backend=backend, **sgd_kw)
+            cls = imbsam.ImbSAM if method == "imbsam" else imbsam.SAM
+            self.opt = cls(self.params, torch.optim.SGD, rho=RHO, backend=backend, **sgd_kw)
 
     def _set(self, name):
         for p, g in zip(self.params, self.grads[name]):

@@ -1,34 +1,21 @@
-// Multi-tensor apply: D parallel tensor lists are cut into chunks, and the tensor
-// addresses and chunk assignments travel inside the kernel's arguments, so one launch
-// covers many tensors; when the metadata is full the launcher launches and starts over.
-// Each block handles one chunk of one tensor.
+// Multi-tensor apply: D parallel tensor lists are cut into chunks whose addresses
+// travel in the kernel's arguments (packed by mta_plan.h), so one launch covers many
+// tensors. Each block handles one chunk of one tensor.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
+#include "mta_plan.h"
+
 namespace imbsam::cuda {
 
-// 64 Ki elements a block: enough work per block to hide launch and tail effects, and
-// a 21 M-parameter list still gives hundreds of blocks for 132 SMs.
-constexpr int64_t kChunkSize = 1 << 16;
 constexpr int kBlockSize = 512;
-// Kernel arguments are limited to 4 KiB on older toolkits: these caps keep the
-// metadata of every depth (1..5 lists) below that.
-constexpr int kMaxTensors[5] = {110, 64, 48, 36, 30};
-constexpr int kMaxBlocks = 320;
-
-template <int D>
-struct TensorListMetadata {
-  void* addresses[D][kMaxTensors[D - 1]];
-  int64_t sizes[kMaxTensors[D - 1]];
-  unsigned char block_to_tensor[kMaxBlocks];
-  int block_to_chunk[kMaxBlocks];
-};
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Vec {
@@ -111,49 +98,21 @@ inline int64_t count_chunks(const std::vector<at::Tensor>& tensors) {
   return n;
 }
 
-// Launches Functor over D lists of equal length (list 0 decides the sizes). The block
-// offset counts blocks across relaunches, so a functor can write one slot per chunk.
+// Launches Functor over D lists of equal length (list 0 decides the sizes), packed
+// as plan_launches (mta_plan.h) decides.
 template <int D, typename Functor, typename... Args>
 void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, Functor f, Args... args) {
-  static_assert(D >= 1 && D <= 5, "depth 1..5");
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  TensorListMetadata<D> tl;
-  int tensors = 0, blocks = 0;
-  int64_t block_offset = 0;
-  const size_t n_tensors = lists[0].size();
-  for (size_t t = 0; t < n_tensors; ++t) {
-    const int64_t numel = lists[0][t].numel();
-    if (numel == 0) continue;
-    for (int d = 0; d < D; ++d) tl.addresses[d][tensors] = lists[d][t].data_ptr();
-    tl.sizes[tensors] = numel;
-    ++tensors;
-    const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
-    for (int64_t c = 0; c < chunks; ++c) {
-      tl.block_to_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
-      tl.block_to_chunk[blocks] = static_cast<int>(c);
-      ++blocks;
-      const bool blocks_full = blocks == kMaxBlocks;
-      const bool tensors_full = tensors == kMaxTensors[D - 1] && c == chunks - 1;
-      const bool last = t == n_tensors - 1 && c == chunks - 1;
-      if (blocks_full || tensors_full || last) {
-        multi_tensor_kernel<D><<<blocks, kBlockSize, 0, stream>>>(tl, block_offset, f, args...);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        block_offset += blocks;
-        blocks = 0;
-        if (c == chunks - 1) {
-          tensors = 0;
-        } else {  // the current tensor continues in the next launch, as entry 0
-          for (int d = 0; d < D; ++d) tl.addresses[d][0] = tl.addresses[d][tensors - 1];
-          tl.sizes[0] = tl.sizes[tensors - 1];
-          tensors = 1;
-        }
-      }
-    }
+  std::vector<std::array<void*, D>> addresses(lists[0].size());
+  std::vector<int64_t> numels(lists[0].size());
+  for (size_t t = 0; t < lists[0].size(); ++t) {
+    for (int d = 0; d < D; ++d) addresses[t][d] = lists[d][t].data_ptr();
+    numels[t] = lists[0][t].numel();
   }
-  if (blocks > 0) {  // trailing empty tensors can leave the last launch pending
+  plan_launches<D>(addresses, numels, [&](const TensorListMetadata<D>& tl, int blocks, int64_t block_offset) {
     multi_tensor_kernel<D><<<blocks, kBlockSize, 0, stream>>>(tl, block_offset, f, args...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  });
 }
 
 }  // namespace imbsam::cuda

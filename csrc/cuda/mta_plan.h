@@ -1,0 +1,73 @@
+// How multi_tensor_apply packs tensor lists into launches, in plain C++ (no CUDA), so
+// the packing is tested on the host (tests/test_mta_plan.py).
+//
+// Tensor addresses and the block -> (tensor, chunk) map travel in the kernel's
+// arguments. A launch is emitted when its block map or tensor table is full, and a
+// tensor whose chunks do not all fit continues in the next launch as entry 0.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <vector>
+
+namespace imbsam::cuda {
+
+// 64 Ki elements a block: PyTorch's multi-tensor-apply choice, enough work per block
+// to hide launch and tail effects.
+constexpr int64_t kChunkSize = 1 << 16;
+// Kernel arguments were limited to 4 KiB before CUDA 12.1: these caps keep the
+// metadata of every depth (1..5 lists) below that.
+constexpr int kMaxTensors[5] = {110, 64, 48, 36, 30};
+constexpr int kMaxBlocks = 320;
+
+template <int D>
+struct TensorListMetadata {
+  void* addresses[D][kMaxTensors[D - 1]];
+  int64_t sizes[kMaxTensors[D - 1]];
+  unsigned char block_to_tensor[kMaxBlocks];
+  int block_to_chunk[kMaxBlocks];
+};
+
+// Calls launch(metadata, n_blocks, block_offset) for each launch; block_offset counts
+// the blocks of earlier launches, so a kernel can give each chunk its own output slot.
+// Empty tensors get no block.
+template <int D, typename Launch>
+void plan_launches(const std::vector<std::array<void*, D>>& addresses, const std::vector<int64_t>& numels,
+                   Launch&& launch) {
+  static_assert(D >= 1 && D <= 5, "depth 1..5");
+  TensorListMetadata<D> tl;
+  int tensors = 0, blocks = 0;
+  int64_t block_offset = 0;
+  const size_t n_tensors = numels.size();
+  for (size_t t = 0; t < n_tensors; ++t) {
+    const int64_t numel = numels[t];
+    if (numel == 0) continue;
+    for (int d = 0; d < D; ++d) tl.addresses[d][tensors] = addresses[t][d];
+    tl.sizes[tensors] = numel;
+    ++tensors;
+    const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
+    for (int64_t c = 0; c < chunks; ++c) {
+      tl.block_to_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
+      tl.block_to_chunk[blocks] = static_cast<int>(c);
+      ++blocks;
+      const bool last_chunk = c == chunks - 1;
+      const bool blocks_full = blocks == kMaxBlocks;
+      const bool tensors_full = tensors == kMaxTensors[D - 1] && last_chunk;
+      if (blocks_full || tensors_full) {
+        launch(tl, blocks, block_offset);
+        block_offset += blocks;
+        blocks = 0;
+        if (last_chunk) {
+          tensors = 0;
+        } else {  // this tensor continues in the next launch, as entry 0
+          for (int d = 0; d < D; ++d) tl.addresses[d][0] = tl.addresses[d][tensors - 1];
+          tl.sizes[0] = tl.sizes[tensors - 1];
+          tensors = 1;
+        }
+      }
+    }
+  }
+  if (blocks > 0) launch(tl, blocks, block_offset);
+}
+
+}  // namespace imbsam::cuda
