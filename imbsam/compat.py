@@ -37,6 +37,10 @@ class _Adapter:
     def param_groups(self):
         return self.optimizer.param_groups
 
+    def register_phase_hook(self, hook):
+        """See ``imbsam.SAM.register_phase_hook``."""
+        return self._engine.register_phase_hook(hook)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -60,8 +64,8 @@ class SAM(_Adapter):
         self.optimizer.zero_grad()
 
     @torch.no_grad()
-    def second_step(self) -> None:
-        self._engine.restore_and_step(with_head=False)
+    def second_step(self, found_inf=None) -> None:
+        self._engine.restore_and_step(with_head=False, found_inf=found_inf)
         self._finish()
 
 
@@ -83,6 +87,6 @@ class ImbSAM(_Adapter):
         self.optimizer.zero_grad()
 
     @torch.no_grad()
-    def third_step(self) -> None:
-        self._engine.restore_and_step(with_head=True)
+    def third_step(self, found_inf=None) -> None:
+        self._engine.restore_and_step(with_head=True, found_inf=found_inf)
         self._finish()

@@ -200,3 +200,58 @@ def test_memory_buffers(backend):
     opt.third_step()
     assert all(set(b) <= {"backup", "head_grad"} for b in opt._engine.buffers.values())
     assert all("head_grad" not in b for b in opt._engine.buffers.values())  # released after the step
+
+
+@pytest.mark.parametrize("backend", imbsam.available_backends())
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_external_found_inf_skips_the_step(backend, kind):
+    model, opt = train(kind, backend, steps=2)
+    params, bufs = [p.clone() for p in model.parameters()], [b.clone() for b in state_tensors(opt)]
+    (x, y), = batches(1, seed=7)
+    split = imbsam.HeadTailLoss(COUNTS)
+    # Run the phases by hand, handing the last one a GradScaler-style flag.
+    if kind == "imbsam":
+        head, tail = split(model(x), y)
+        head.backward(retain_graph=True)
+        opt.first_step()
+        tail.backward()
+        opt.second_step()
+        split(model(x), y)[1].backward()
+    else:
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step()
+        F.cross_entropy(model(x), y).backward()
+    (opt.third_step if kind == "imbsam" else opt.second_step)(found_inf=torch.ones(()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params))
+    assert all(torch.equal(a, b) for a, b in zip(state_tensors(opt), bufs))
+    with pytest.raises(ValueError, match="found_inf must hold one value"):
+        opt._engine.restore_and_step(with_head=False, found_inf=torch.zeros(2))
+
+
+@pytest.mark.parametrize("backend", imbsam.available_backends())
+def test_phase_hooks_run_before_each_phase(backend):
+    model = small_cnn()
+    opt = imbsam.ImbSAM(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, **SGD_KW)
+    seen = []
+    handle = opt.register_phase_hook(lambda phase, ps, gs: seen.append((phase, len(ps), all(
+        p.grad is g for p, g in zip(ps, gs)))))
+    train("imbsam", backend, steps=1, model=model, opt=opt)
+    n = len(list(model.parameters()))
+    assert seen == [("head", n, True), ("perturb", n, True), ("step", n, True)]
+    handle.remove()
+    train("imbsam", backend, steps=1, model=model, opt=opt)
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize("backend", imbsam.available_backends())
+def test_a_phase_hook_can_rewrite_the_gradients(backend):
+    # Zeroing the gradients before the perturbation makes e = 0: SAM with rho = 0.
+    data = batches(2)
+    model = small_cnn()
+    opt = imbsam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, **SGD_KW)
+    opt.register_phase_hook(lambda phase, ps, gs: [g.zero_() for g in gs] if phase == "perturb" else None)
+    train("sam", backend, data=data, model=model, opt=opt)
+    plain = small_cnn()
+    plain_opt = imbsam.SAM(plain.parameters(), torch.optim.SGD, rho=0.0, backend=backend, **SGD_KW)
+    train("sam", backend, data=data, model=plain, opt=plain_opt)
+    assert max_err(model.parameters(), plain.parameters()) == 0.0

@@ -6,11 +6,12 @@ optimizer keeps its own state (momentum buffers) exactly as it would without SAM
 """
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Optional
+from collections import OrderedDict, defaultdict
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from imbsam import backends
 
@@ -51,6 +52,27 @@ class SharpnessEngine:
         self.buffers: defaultdict[Tensor, dict] = defaultdict(dict)
         self.norm: Optional[Tensor] = None  # the last perturbation's gradient norm, on the device
         self._perturbed: set[Tensor] = set()
+        self.phase_hooks: OrderedDict[int, Callable] = OrderedDict()
+
+    def register_phase_hook(self, hook: Callable[[str, list, list], None]) -> RemovableHandle:
+        """``hook(phase, params, grads)`` runs before a phase reads the gradients.
+
+        ``phase`` is ``"head"`` (ImbSAM's first step), ``"perturb"`` or ``"step"`` (the last
+        one); ``params`` are the parameters that have a ``.grad`` and ``grads`` those
+        gradients. A hook may change them in place (an all-reduce, an unscale) or assign
+        a new ``p.grad``; it should not synchronise with the host if CUDA graphs are used.
+        """
+        handle = RemovableHandle(self.phase_hooks)
+        self.phase_hooks[handle.id] = hook
+        return handle
+
+    def _run_phase_hooks(self, phase: str) -> None:
+        if not self.phase_hooks:
+            return
+        params = [p for g in self.base.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        for hook in self.phase_hooks.values():
+            hook(phase, params, grads)
 
     # ---- helpers -------------------------------------------------------------------
     def _hyper(self, group: dict, key: str):
@@ -104,6 +126,7 @@ class SharpnessEngine:
     @torch.no_grad()
     def stash_head_grads(self) -> None:
         """ImbSAM's first phase: hand the head gradients over (no copy) and clear ``.grad``."""
+        self._run_phase_hooks("head")
         device: list = []
         for _, params, grads in self._grads(device):
             for p, g in zip(params, grads):
@@ -114,6 +137,7 @@ class SharpnessEngine:
     @torch.no_grad()
     def perturb(self) -> None:
         """w <- w + e from the current gradients (global norm), keeping a backup of w."""
+        self._run_phase_hooks("perturb")
         device: list = []
         groups = self._grads(device)
         self._perturbed = set()
@@ -142,8 +166,16 @@ class SharpnessEngine:
             self._perturbed.update(params)
 
     @torch.no_grad()
-    def restore_and_step(self, with_head: bool) -> None:
-        """Back to the original w, g <- g' (+ g_H), and the base optimizer's step."""
+    def restore_and_step(self, with_head: bool, found_inf: Optional[Tensor] = None) -> None:
+        """Back to the original w, g <- g' (+ g_H), and the base optimizer's step.
+
+        The step is skipped (weights restored, base state untouched) when the perturbation
+        gradient was not finite or the caller's 0-d ``found_inf`` (a GradScaler's, say) is
+        nonzero; on the fused SGD path both are combined and read on the device.
+        """
+        if found_inf is not None and found_inf.numel() != 1:
+            raise ValueError(f"found_inf must hold one value (a 0-d flag), got shape {tuple(found_inf.shape)}")
+        self._run_phase_hooks("step")
         perturbed, self._perturbed = self._perturbed, set()
         device: list = []
         groups = []  # per group: params, grads, backups, head grads (None where absent)
@@ -174,9 +206,9 @@ class SharpnessEngine:
         ops = backends.ops_for(backend)
         ops.restore_(restore_params, restore_backups)
         if backend != "reference" and self._fused_sgd_possible():
-            found_inf = None if self.norm is None else torch.isfinite(self.norm).logical_not().to(torch.float32)
+            skip = self._skip_flag(found_inf, device[0])
             for group, ps, gs, bs, hs in groups:
-                self._fused_sgd(ops, group, ps, gs, bs, hs, found_inf)
+                self._fused_sgd(ops, group, ps, gs, bs, hs, skip)
             return
         for group, ps, gs, bs, hs in groups:
             ops.restore_(ps, bs)
@@ -184,9 +216,18 @@ class SharpnessEngine:
             ops.add_head_grads_([gs[i] for i in with_h], [hs[i] for i in with_h])
         # A non-finite perturbation gradient skips the base step (weights stay restored).
         # Reading the flag syncs with the device; the fused SGD path above never does.
-        if self.norm is not None and not bool(torch.isfinite(self.norm)):
+        skip = self._skip_flag(found_inf, device[0])
+        if skip is not None and bool(skip != 0):
             return
         self.base.step()
+
+    def _skip_flag(self, found_inf: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+        """A 0-d float32 on the device, nonzero when the step must be skipped; None if nothing can say so."""
+        own = None if self.norm is None else torch.isfinite(self.norm).logical_not().to(torch.float32)
+        if found_inf is None:
+            return own
+        theirs = found_inf.reshape(()).to(device=device, dtype=torch.float32)
+        return theirs if own is None else torch.maximum(own, theirs)
 
     # ---- the fused SGD path ----------------------------------------------------------
     def _fused_sgd_possible(self) -> bool:

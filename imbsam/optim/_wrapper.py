@@ -41,6 +41,12 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         """The last perturbation gradient's global norm (a device tensor), or None."""
         return self._engine.norm
 
+    def register_phase_hook(self, hook):
+        """``hook(phase, params, grads)`` before each phase reads the gradients (``"head"``,
+        ``"perturb"``, ``"step"``): the place for a gradient all-reduce or an unscale.
+        Returns a handle whose ``remove()`` unregisters it."""
+        return self._engine.register_phase_hook(hook)
+
     def _after_base_step(self) -> None:
         # LR schedulers check that optimizer.step() ran before them; the phases are our step.
         self._opt_called = True

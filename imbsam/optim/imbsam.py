@@ -43,9 +43,12 @@ class ImbSAM(SharpnessOptimizer):
         self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def third_step(self, zero_grad: bool = True) -> None:
-        """After the backward at w + e: restore w, g = g_T' + g_H, the base step."""
-        self._engine.restore_and_step(with_head=True)
+    def third_step(self, zero_grad: bool = True, found_inf=None) -> None:
+        """After the backward at w + e: restore w, g = g_T' + g_H, the base step.
+
+        ``found_inf``: an optional 0-d device flag (e.g. a GradScaler's); nonzero skips the step.
+        """
+        self._engine.restore_and_step(with_head=True, found_inf=found_inf)
         self._after_base_step()
         if zero_grad:
             self.zero_grad(set_to_none=True)

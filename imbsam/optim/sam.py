@@ -52,9 +52,12 @@ class SAM(SharpnessOptimizer):
             self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = True) -> None:
-        """After the backward at w + e: restore w and take the base step with g'."""
-        self._engine.restore_and_step(with_head=False)
+    def second_step(self, zero_grad: bool = True, found_inf=None) -> None:
+        """After the backward at w + e: restore w and take the base step with g'.
+
+        ``found_inf``: an optional 0-d device flag (e.g. a GradScaler's); nonzero skips the step.
+        """
+        self._engine.restore_and_step(with_head=False, found_inf=found_inf)
         self._after_base_step()
         if zero_grad:
             self.zero_grad(set_to_none=True)
