@@ -7,11 +7,12 @@
 ones; ``imbsam.compat`` the paper's ``(optimizer, model, rho)`` adapters.
 """
 from imbsam import _fake  # noqa: F401  (registers the fake kernels of the compiled ops)
-from imbsam import compat, ops, reference
+from imbsam import compat, models, ops, reference
 from imbsam.backends import available_backends
 from imbsam.losses import HeadTailLoss, tail_class_mask
 from imbsam.optim import SAM, ImbSAM
 
 __version__ = "0.1.0"
 
-__all__ = ["SAM", "ImbSAM", "HeadTailLoss", "tail_class_mask", "available_backends", "compat", "ops", "reference"]
+__all__ = ["SAM", "ImbSAM", "HeadTailLoss", "tail_class_mask", "available_backends", "compat", "models", "ops",
+           "reference"]
