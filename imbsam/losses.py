@@ -47,6 +47,8 @@ class HeadTailLoss(torch.nn.Module):
 
     def sample_weights(self, targets: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample (head, tail) weights, 0 or 1, as floats."""
+        if self.tail_classes.device != targets.device:  # a module left on the CPU: move the mask once
+            self.tail_classes = self.tail_classes.to(targets.device)
         is_tail = self.tail_classes[targets].to(torch.float32)
         return 1.0 - is_tail, is_tail
 

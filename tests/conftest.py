@@ -48,3 +48,21 @@ def assert_close_to_exact(fast, ref_same_dtype, ref_fp64, dtype, slack: float = 
     scale = max((r.double().abs().max().item() for r in ref_fp64 if r.numel()), default=1.0)
     ulp = torch.finfo(dtype).eps * max(scale, 1.0)
     assert err_fast <= slack * err_ref + ulp, f"{dtype}: fast error {err_fast:.3g}, reference error {err_ref:.3g}"
+
+
+def device_of(backend) -> str:
+    """Where a backend's tensors live: cuda for the GPU backends, else the CPU."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _models_follow_the_backend(request):
+    """Tests parametrised by backend build their models and batches on its device."""
+    import models
+
+    callspec = getattr(request.node, "callspec", None)
+    models.DEVICE = device_of(callspec.params.get("backend") if callspec else None)
+    yield
+    models.DEVICE = "cpu"

@@ -126,7 +126,7 @@ def test_lr_scheduler_drives_the_base_step(backend):
 @pytest.mark.parametrize("backend", imbsam.available_backends())
 def test_parameters_without_gradients_are_untouched(backend):
     model = small_cnn()
-    unused = torch.nn.Linear(4, 4)
+    unused = torch.nn.Linear(4, 4).to(next(model.parameters()).device)
     opt = imbsam.ImbSAM(list(model.parameters()) + list(unused.parameters()), torch.optim.SGD, rho=0.05,
                         backend=backend, **SGD_KW)
     before = [p.clone() for p in unused.parameters()]

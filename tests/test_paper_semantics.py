@@ -88,7 +88,7 @@ class PaperImbSAM:
 
 def paper_losses(out, y):
     """L_H and L_T by boolean indexing, as in the paper's loop (tail weight 2, divided by B)."""
-    tail = TAIL[y]
+    tail = TAIL.to(y.device)[y]
     batch = y.numel()
     head_loss = F.cross_entropy(out[~tail], y[~tail], reduction="sum") / batch
     tail_loss = 2 * F.cross_entropy(out[tail], y[tail], reduction="sum") / batch
@@ -98,8 +98,8 @@ def paper_losses(out, y):
 def data_with_a_tail_free_batch():
     data = batches(4, seed=3)
     x, y = data[1]
-    data[1] = (x, torch.where(TAIL[y], torch.zeros_like(y), y))  # no tail sample in this batch
-    assert not TAIL[data[1][1]].any() and TAIL[data[0][1]].any()
+    data[1] = (x, torch.where(TAIL.to(y.device)[y], torch.zeros_like(y), y))  # no tail sample in this batch
+    assert not TAIL[data[1][1].cpu()].any() and TAIL[data[0][1].cpu()].any()
     return data
 
 
