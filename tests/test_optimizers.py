@@ -255,3 +255,16 @@ def test_a_phase_hook_can_rewrite_the_gradients(backend):
     plain_opt = imbsam.SAM(plain.parameters(), torch.optim.SGD, rho=0.0, backend=backend, **SGD_KW)
     train("sam", backend, data=data, model=plain, opt=plain_opt)
     assert max_err(model.parameters(), plain.parameters()) == 0.0
+
+
+@pytest.mark.parametrize("backend", imbsam.available_backends())
+def test_a_skip_is_not_carried_into_the_next_step(backend):
+    model, opt = train("sam", backend, steps=1)
+    (x, y), = batches(1, seed=8)
+    x_bad = x.clone()
+    x_bad[0, 0, 0, 0] = float("nan")
+    sam_step(model, opt, x_bad, y)  # skipped: the first gradient is not finite
+    before = [p.clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    opt.second_step()  # no new perturbation: a plain base step that must not reuse the old flag
+    assert max_err(model.parameters(), before) > 0

@@ -51,6 +51,7 @@ class SharpnessEngine:
         self.defaults = dict(rho=rho, adaptive=bool(adaptive), adaptive_eta=float(adaptive_eta))
         self.buffers: defaultdict[Tensor, dict] = defaultdict(dict)
         self.norm: Optional[Tensor] = None  # the last perturbation's gradient norm, on the device
+        self._step_norm: Optional[Tensor] = None  # the norm the coming step decides its skip by, used once
         self._perturbed: set[Tensor] = set()
         self.phase_hooks: OrderedDict[int, Callable] = OrderedDict()
 
@@ -142,7 +143,7 @@ class SharpnessEngine:
         groups = self._grads(device)
         self._perturbed = set()
         if not device:
-            self.norm = None
+            self.norm = self._step_norm = None
             return
         ops = backends.ops_for(self.concrete_backend(device[0]))
         eta = self.defaults["adaptive_eta"]
@@ -155,7 +156,7 @@ class SharpnessEngine:
                     scaled_params.append(p)
                 else:
                     plain_grads.append(g)
-        self.norm = ops.grad_norm(plain_grads, scaled_grads, scaled_params, eta)
+        self.norm = self._step_norm = ops.grad_norm(plain_grads, scaled_grads, scaled_params, eta)
         for group, params, grads in groups:
             rho, adaptive = self._hyper(group, "rho"), self._hyper(group, "adaptive")
             for scaled in (False, True):
@@ -177,6 +178,7 @@ class SharpnessEngine:
             raise ValueError(f"found_inf must hold one value (a 0-d flag), got shape {tuple(found_inf.shape)}")
         self._run_phase_hooks("step")
         perturbed, self._perturbed = self._perturbed, set()
+        norm, self._step_norm = self._step_norm, None
         device: list = []
         groups = []  # per group: params, grads, backups, head grads (None where absent)
         restore_params, restore_backups = [], []
@@ -206,7 +208,7 @@ class SharpnessEngine:
         ops = backends.ops_for(backend)
         ops.restore_(restore_params, restore_backups)
         if backend != "reference" and self._fused_sgd_possible():
-            skip = self._skip_flag(found_inf, device[0])
+            skip = self._skip_flag(norm, found_inf, device[0])
             for group, ps, gs, bs, hs in groups:
                 self._fused_sgd(ops, group, ps, gs, bs, hs, skip)
             return
@@ -216,14 +218,15 @@ class SharpnessEngine:
             ops.add_head_grads_([gs[i] for i in with_h], [hs[i] for i in with_h])
         # A non-finite perturbation gradient skips the base step (weights stay restored).
         # Reading the flag syncs with the device; the fused SGD path above never does.
-        skip = self._skip_flag(found_inf, device[0])
+        skip = self._skip_flag(norm, found_inf, device[0])
         if skip is not None and bool(skip != 0):
             return
         self.base.step()
 
-    def _skip_flag(self, found_inf: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    @staticmethod
+    def _skip_flag(norm: Optional[Tensor], found_inf: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
         """A 0-d float32 on the device, nonzero when the step must be skipped; None if nothing can say so."""
-        own = None if self.norm is None else torch.isfinite(self.norm).logical_not().to(torch.float32)
+        own = None if norm is None else torch.isfinite(norm).logical_not().to(torch.float32)
         if found_inf is None:
             return own
         theirs = found_inf.reshape(()).to(device=device, dtype=torch.float32)
@@ -256,8 +259,9 @@ class SharpnessEngine:
                 for i in idx:
                     state = self.base.state[ps[i]]
                     if not has_buf:  # SGD's first step: the op writes buf = d
-                        # Zeros, not empty: a step skipped for a non-finite gradient leaves
-                        # the buffer as allocated, and 0 * momentum + d = d next time.
+                        # Zeros, not empty: a skipped first step leaves the buffer as
+                        # allocated, and the next step's momentum * 0 + (1 - dampening) * d
+                        # is SGD's first step exactly when dampening is 0.
                         state["momentum_buffer"] = torch.zeros_like(ps[i], memory_format=torch.preserve_format)
                     bufs.append(state["momentum_buffer"])
             ops.restore_sgd_step_(
