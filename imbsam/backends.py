@@ -1,6 +1,7 @@
 """Which implementation of the ops runs: names, availability and the ``auto`` choice."""
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 
@@ -15,6 +16,13 @@ _warned_fallback = False
 
 def available_backends() -> list[str]:
     """The backends usable on this machine, e.g. ``['reference', 'cpp']``."""
+    return list(_available())
+
+
+# Availability is fixed for a process; probing the dispatcher, CUDA and Triton on every
+# optimizer phase would cost tens of microseconds each time.
+@functools.lru_cache(maxsize=None)
+def _available() -> tuple[str, ...]:
     names = ["reference"]
     if _library.has_kernel("CPU"):
         names.append("cpp")
@@ -22,7 +30,7 @@ def available_backends() -> list[str]:
         names.append("cuda")
     if triton_ops.usable_on("cuda") or triton_ops.usable_on("cpu"):
         names.append("triton")
-    return names
+    return tuple(names)
 
 
 def check_backend_name(backend: str) -> None:
@@ -49,7 +57,7 @@ def resolve(backend: str, device: torch.device) -> str:
     if backend == "auto":
         # The fastest usable backend for the device: compiled kernels, then Triton.
         for want in (("cuda", "triton") if device.type == "cuda" else ("cpp",)):
-            if want in available_backends():
+            if want in _available():
                 return want
         if not _warned_fallback:
             _warned_fallback = True

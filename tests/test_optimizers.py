@@ -193,13 +193,13 @@ def test_memory_buffers(backend):
     opt.first_step()
     # g_H was handed over, not copied; at most two extra buffers per parameter.
     for p, g in grads.items():
-        assert opt._engine.buffers[p]["head_grad"] is g and p.grad is None
+        assert opt._engine.head_grads[id(p)] is g and p.grad is None
     tail.backward()
     opt.second_step()
     split(model(x), y)[1].backward()
     opt.third_step()
-    assert all(set(b) <= {"backup", "head_grad"} for b in opt._engine.buffers.values())
-    assert all("head_grad" not in b for b in opt._engine.buffers.values())  # released after the step
+    assert set(opt._engine.backups) == {id(p) for p in model.parameters()}  # one backup each, kept
+    assert not opt._engine.head_grads  # g_H released after the step
 
 
 @pytest.mark.parametrize("backend", imbsam.available_backends())
