@@ -92,13 +92,17 @@ class SharpnessEngine:
     def _grads(self) -> tuple[list[tuple[dict, list[Tensor], list[Tensor]]], Optional[torch.device]]:
         """Per group, the parameters that have a gradient and those gradients; the first one's device."""
         out, device = [], None
+        strided = torch.strided
         for group in self.base.param_groups:
             params, grads = [], []
             for p in group["params"]:
                 g = p.grad
-                if g is not None:
-                    params.append(p)
-                    grads.append(self._checked_grad(p, g))
+                if g is None:
+                    continue
+                if g.layout is not strided or p.dtype not in _SUPPORTED or g.stride() != p.stride():
+                    g = self._checked_grad(p, g)  # raises, or fixes the layout
+                params.append(p)
+                grads.append(g)
             if device is None and params:
                 device = params[0].device
             out.append((group, params, grads))
@@ -170,23 +174,33 @@ class SharpnessEngine:
             return
         _, ops = self._ops(groups, device)
         eta = self.defaults["adaptive_eta"]
-        plain_grads, scaled_grads, scaled_params = [], [], []
+        # Split each group into ASAM-scaled tensors (two or more dimensions) and the rest;
+        # a non-adaptive group is all "rest", without looking at each tensor.
+        split = []
         for group, params, grads in groups:
-            adaptive = self._hyper(group, "adaptive")
-            for p, g in zip(params, grads):
-                if adaptive and p.dim() > 1:
-                    scaled_grads.append(g)
-                    scaled_params.append(p)
-                else:
-                    plain_grads.append(g)
+            if self._hyper(group, "adaptive"):
+                scaled = [i for i, p in enumerate(params) if p.dim() > 1]
+                chosen = set(scaled)
+                plain = [i for i in range(len(params)) if i not in chosen]
+            else:
+                scaled, plain = [], None  # None: every tensor, in order
+            split.append((group, params, grads, plain, scaled))
+        plain_grads = [g for _, _, grads, plain, _ in split for g in (grads if plain is None else
+                                                                          [grads[i] for i in plain])]
+        scaled_grads = [grads[i] for _, _, grads, _, scaled in split for i in scaled]
+        scaled_params = [params[i] for _, params, _, _, scaled in split for i in scaled]
         self.norm = self._step_norm = ops.grad_norm(plain_grads, scaled_grads, scaled_params, eta)
-        for group, params, grads in groups:
-            rho, adaptive = self._hyper(group, "rho"), self._hyper(group, "adaptive")
-            for scaled in (False, True):
-                pick = [i for i, p in enumerate(params) if (adaptive and p.dim() > 1) == scaled]
-                if pick:
-                    ops.perturb_([params[i] for i in pick], [grads[i] for i in pick],
-                                 [self._backup(params[i]) for i in pick], self.norm, rho, eta, scaled)
+        backup = self._backup
+        for group, params, grads, plain, scaled in split:
+            rho = self._hyper(group, "rho")
+            if plain is None:
+                if params:
+                    ops.perturb_(params, grads, [backup(p) for p in params], self.norm, rho, eta, False)
+            else:
+                for pick, is_scaled in ((plain, False), (scaled, True)):
+                    if pick:
+                        ops.perturb_([params[i] for i in pick], [grads[i] for i in pick],
+                                     [backup(params[i]) for i in pick], self.norm, rho, eta, is_scaled)
             self._perturbed.update(map(id, params))
 
     @torch.no_grad()
@@ -206,6 +220,7 @@ class SharpnessEngine:
         if with_head:
             self.head_grads = {}
         device = None
+        strided, backup = torch.strided, self._backup
         groups = []  # per group: params, grads, backups, head grads (None where absent)
         restore_params, restore_backups = [], []
         for group in self.base.param_groups:
@@ -221,8 +236,9 @@ class SharpnessEngine:
                             restore_backups.append(self.backups[key][0])
                         continue
                     p.grad, g, h = h, h, None  # only the head loss reached it: its gradient is g_H alone
-                g = self._checked_grad(p, g)
-                b = self._backup(p)
+                if g.layout is not strided or p.dtype not in _SUPPORTED or g.stride() != p.stride():
+                    g = self._checked_grad(p, g)  # raises, or fixes the layout
+                b = backup(p)
                 if key not in perturbed:  # its gradient appeared only now: nothing to undo
                     b.copy_(p)
                 ps.append(p)
