@@ -192,8 +192,9 @@ def test_memory_buffers(backend):
     grads = {p: p.grad for p in model.parameters()}
     opt.first_step()
     # g_H was handed over, not copied; at most two extra buffers per parameter.
-    for p, g in grads.items():
-        assert opt._engine.head_grads[id(p)] is g and p.grad is None
+    (ids, held), = opt._engine.head_grads.values()  # one param group
+    assert ids == [id(p) for p in grads] and all(h is g for h, g in zip(held, grads.values()))
+    assert all(p.grad is None for p in grads)
     tail.backward()
     opt.second_step()
     split(model(x), y)[1].backward()

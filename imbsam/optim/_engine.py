@@ -19,6 +19,15 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
 
 
+def _has_none(xs) -> bool:
+    # A plain loop: 3x faster than any(x is None for x in xs), and `None in xs` would call
+    # Tensor.__eq__ on every element.
+    for x in xs:
+        if x is None:
+            return True
+    return False
+
+
 def check_rho(rho) -> None:
     if isinstance(rho, bool) or not isinstance(rho, (int, float)):
         raise TypeError(f"rho must be a float >= 0, got {type(rho).__name__} {rho!r}")
@@ -33,6 +42,22 @@ def check_base_optimizer(base_optimizer) -> None:
                         "to wrap an existing optimizer use imbsam.compat.SAM / imbsam.compat.ImbSAM")
     if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
         raise TypeError(f"base_optimizer must be a subclass of torch.optim.Optimizer, got {base_optimizer!r}")
+
+
+class _GroupPlan:
+    """A param group's parameters that have gradients, and what every step reuses for them.
+
+    Rebuilt only when that set of parameters or one's storage changes, so that a step's
+    per-parameter Python work is reading ``.grad``, not dictionary lookups.
+    """
+
+    __slots__ = ("ids", "ptrs", "backups", "plain", "scaled")
+
+    def __init__(self, params: list[Tensor], ids: list[int], ptrs: list[int], backups: list[Tensor]):
+        self.ids, self.ptrs, self.backups = ids, ptrs, backups
+        # ASAM's split: tensors of two or more dimensions are scaled, the others not.
+        self.scaled = [j for j, p in enumerate(params) if p.dim() > 1]
+        self.plain = [j for j, p in enumerate(params) if p.dim() <= 1]
 
 
 class SharpnessEngine:
@@ -50,14 +75,16 @@ class SharpnessEngine:
         self.base = base_optimizer
         self.backend = backend
         self.defaults = dict(rho=rho, adaptive=bool(adaptive), adaptive_eta=float(adaptive_eta))
-        # Per parameter: (backup, the parameter's storage pointer it was made for), and
-        # ImbSAM's head gradient between its first and last phase. Keyed by id(p): a
-        # Tensor's __hash__ is a Python call, and the param groups keep every p alive.
+        # Per parameter: (backup, the parameter's storage pointer it was made for). Keyed by
+        # id(p): a Tensor's __hash__ is a Python call, and the param groups keep every p alive.
         self.backups: dict[int, tuple[Tensor, int]] = {}
-        self.head_grads: dict[int, Tensor] = {}
+        self._plans: dict[int, _GroupPlan] = {}  # per param group index
+        # ImbSAM's head gradients between its first and last phase: per group index, the
+        # ids of the parameters that had one and those gradients.
+        self.head_grads: dict[int, tuple[list[int], list[Tensor]]] = {}
         self.norm: Optional[Tensor] = None  # the last perturbation's gradient norm, on the device
         self._step_norm: Optional[Tensor] = None  # the norm the coming step decides its skip by, used once
-        self._perturbed: set[int] = set()  # ids of the parameters the last perturbation moved
+        self._perturbed: dict[int, _GroupPlan] = {}  # the plans of the groups the last perturbation moved
         self.phase_hooks: OrderedDict[int, Callable] = OrderedDict()
 
     def register_phase_hook(self, hook: Callable[[str, list, list], None]) -> RemovableHandle:
@@ -87,29 +114,51 @@ class SharpnessEngine:
     def concrete_backend(self, device: torch.device) -> str:
         return backends.resolve(self.backend, device)
 
-    # These run for every parameter in every phase: each attribute read costs ~50 ns, so
-    # they read as few as they can (a 110-tensor step spends ~0.1 ms here, not ~0.5).
-    def _grads(self) -> tuple[list[tuple[dict, list[Tensor], list[Tensor]]], Optional[torch.device]]:
-        """Per group, the parameters that have a gradient and those gradients; the first one's device."""
+    # ---- gathering the gradients ------------------------------------------------------
+    # These run for every parameter in every phase, so they do as little per parameter as
+    # they can (an attribute read costs ~50 ns): the compiled ops check every tensor in
+    # C++ before they write anything, and the Python checks run only when an op rejects
+    # its input (`_guarded`) or on the reference backend, which checks nothing itself.
+    def _gather(self) -> tuple[list[tuple[int, dict, list[Tensor], list[Tensor]]], Optional[torch.device]]:
+        """Per group (index, group, params with a gradient, those gradients); the first one's device."""
         out, device = [], None
-        strided = torch.strided
-        for group in self.base.param_groups:
-            params, grads = [], []
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.layout is not strided or p.dtype not in _SUPPORTED or g.stride() != p.stride():
-                    g = self._checked_grad(p, g)  # raises, or fixes the layout
-                params.append(p)
-                grads.append(g)
+        for i, group in enumerate(self.base.param_groups):
+            params = group["params"]
+            grads = [p.grad for p in params]
+            if _has_none(grads):  # frozen or unused parameters
+                keep = [j for j, g in enumerate(grads) if g is not None]
+                params, grads = [params[j] for j in keep], [grads[j] for j in keep]
             if device is None and params:
                 device = params[0].device
-            out.append((group, params, grads))
+            out.append((i, group, params, grads))
         return out, device
 
+    def _fix_layouts(self, params: list[Tensor], tensors: list[Optional[Tensor]], is_grad: bool = True) -> bool:
+        """Raises a precise error for what cannot run; copies gradients laid out unlike their
+        parameter into its layout (in the list, and ``p.grad`` when ``is_grad``). True if it copied."""
+        changed = False
+        for j, (p, t) in enumerate(zip(params, tensors)):
+            if t is None:
+                continue
+            fixed = self._checked_grad(p, t, assign=is_grad)
+            if fixed is not t:
+                tensors[j], changed = fixed, True
+        return changed
+
+    def _guarded(self, call: Callable[[], object], pairs) -> object:
+        """Runs ``call()``; if the op rejects its input, fixes the layouts in ``pairs``
+        (``(params, tensors, is_grad)``, lists the call reads) and runs it once more. A
+        compiled op validates everything before it writes, so a rejected call changed nothing."""
+        try:
+            return call()
+        except (TypeError, ValueError, RuntimeError):
+            fixed = [self._fix_layouts(*pair) for pair in pairs]  # raises the precise error if it cannot run
+            if not any(fixed):
+                raise
+            return call()
+
     @staticmethod
-    def _checked_grad(p: Tensor, g: Tensor) -> Tensor:
+    def _checked_grad(p: Tensor, g: Tensor, assign: bool = True) -> Tensor:
         """Dense, a supported dtype, and laid out like its parameter (copied if not)."""
         if g.layout is not torch.strided:
             raise ValueError(f"imbsam: a parameter of shape {tuple(p.shape)} has a {g.layout} gradient; SAM "
@@ -117,30 +166,42 @@ class SharpnessEngine:
         if p.dtype not in _SUPPORTED:
             raise TypeError(f"imbsam: a parameter has dtype {p.dtype}; supported: float32, float64, bfloat16, "
                             "float16")
-        if g.stride() != p.stride():
+        if g.stride() != p.stride() and g.numel():
             # The kernels walk a parameter and its gradient as one flat array.
-            g = p.grad = g.new_empty_strided(p.size(), p.stride()).copy_(g)
+            g = g.new_empty_strided(p.size(), p.stride()).copy_(g)
+            if assign:
+                p.grad = g
         return g
 
-    @staticmethod
-    def _check_one_device(groups, device: torch.device) -> None:
-        # The compiled ops check this themselves (with the list index); the reference needs it here.
-        for _, params, _ in groups:
+    def _check_for_reference(self, gathered, device: torch.device) -> None:
+        # The reference ops check nothing: do here what the compiled ops do in C++.
+        for _, _, params, grads in gathered:
+            self._fix_layouts(params, grads)
             for p in params:
                 if p.device != device:
                     raise ValueError(f"imbsam: parameters are on more than one device ({device} and {p.device}); "
                                      "one optimizer handles the parameters of one device")
 
-    def _ops(self, groups, device: torch.device):
+    def _ops(self, gathered, device: torch.device):
         backend = self.concrete_backend(device)
         if backend == "reference":
-            self._check_one_device(groups, device)
+            self._check_for_reference(gathered, device)
         return backend, backends.ops_for(backend)
+
+    # ---- the per-group plan --------------------------------------------------------------
+    def _plan(self, index: int, params: list[Tensor]) -> _GroupPlan:
+        """The plan of group ``index`` whose parameters with a gradient are ``params``."""
+        ids = list(map(id, params))
+        # The storage pointers tell whether a parameter's memory was replaced (model.to(),
+        # model.half(), p.data = ...): then it needs a backup of its new dtype and size.
+        ptrs = [p.data_ptr() for p in params]
+        plan = self._plans.get(index)
+        if plan is None or plan.ids != ids or plan.ptrs != ptrs:
+            plan = self._plans[index] = _GroupPlan(params, ids, ptrs, [self._backup(p) for p in params])
+        return plan
 
     def _backup(self, p: Tensor) -> Tensor:
         # Kept across steps: one allocation per parameter, and fixed addresses for CUDA graphs.
-        # The storage pointer and dtype tell whether the parameter's memory was replaced
-        # (model.to(), model.half(), p.data = ...): then a new backup is made.
         entry = self.backups.get(id(p))
         ptr = p.data_ptr()
         if entry is not None and entry[1] == ptr and entry[0].dtype == p.dtype:
@@ -154,54 +215,62 @@ class SharpnessEngine:
     def stash_head_grads(self) -> None:
         """ImbSAM's first phase: hand the head gradients over (no copy) and clear ``.grad``."""
         self._run_phase_hooks("head")
-        groups, device = self._grads()
+        gathered, device = self._gather()
         if device is not None:
-            self._ops(groups, device)  # validates the devices where the ops will not
-        for _, params, grads in groups:
-            for p, g in zip(params, grads):
-                # A view may alias storage that the next backward writes (DDP buckets): copy it.
-                self.head_grads[id(p)] = g.clone() if g._is_view() else g
+            self._ops(gathered, device)  # the reference backend's checks
+        self.head_grads = {}
+        for index, _, params, grads in gathered:
+            if not params:
+                continue
+            # A view may alias storage that the next backward writes (DDP buckets): copy it.
+            self.head_grads[index] = (list(map(id, params)), [g.clone() if g._is_view() else g for g in grads])
+            for p in params:
                 p.grad = None
 
     @torch.no_grad()
     def perturb(self) -> None:
         """w <- w + e from the current gradients (global norm), keeping a backup of w."""
         self._run_phase_hooks("perturb")
-        groups, device = self._grads()
-        self._perturbed = set()
+        gathered, device = self._gather()
+        self._perturbed = {}
         if device is None:
             self.norm = self._step_norm = None
             return
-        _, ops = self._ops(groups, device)
+        _, ops = self._ops(gathered, device)
         eta = self.defaults["adaptive_eta"]
-        # Split each group into ASAM-scaled tensors (two or more dimensions) and the rest;
-        # a non-adaptive group is all "rest", without looking at each tensor.
-        split = []
-        for group, params, grads in groups:
-            if self._hyper(group, "adaptive"):
-                scaled = [i for i, p in enumerate(params) if p.dim() > 1]
-                chosen = set(scaled)
-                plain = [i for i in range(len(params)) if i not in chosen]
+        plans = {index: self._plan(index, params) for index, _, params, _ in gathered if params}
+        adaptive = {index: self._hyper(group, "adaptive") for index, group, _, _ in gathered}
+
+        def norm_inputs():
+            # ASAM scales tensors of two or more dimensions; a non-adaptive group is all plain.
+            plain, scaled, scaled_params = [], [], []
+            for index, _, params, grads in gathered:
+                if not adaptive[index]:
+                    plain += grads
+                elif params:
+                    plan = plans[index]
+                    plain += [grads[j] for j in plan.plain]
+                    scaled += [grads[j] for j in plan.scaled]
+                    scaled_params += [params[j] for j in plan.scaled]
+            return plain, scaled, scaled_params
+
+        self.norm = self._step_norm = self._guarded(
+            lambda: ops.grad_norm(*norm_inputs(), eta), [(params, grads, True) for _, _, params, grads in gathered])
+        norm = self.norm
+        for index, group, params, grads in gathered:
+            if not params:
+                continue
+            plan, rho = plans[index], self._hyper(group, "rho")
+            if not adaptive[index]:
+                self._guarded(lambda: ops.perturb_(params, grads, plan.backups, norm, rho, eta, False),
+                              [(params, grads, True)])
             else:
-                scaled, plain = [], None  # None: every tensor, in order
-            split.append((group, params, grads, plain, scaled))
-        plain_grads = [g for _, _, grads, plain, _ in split for g in (grads if plain is None else
-                                                                          [grads[i] for i in plain])]
-        scaled_grads = [grads[i] for _, _, grads, _, scaled in split for i in scaled]
-        scaled_params = [params[i] for _, params, _, _, scaled in split for i in scaled]
-        self.norm = self._step_norm = ops.grad_norm(plain_grads, scaled_grads, scaled_params, eta)
-        backup = self._backup
-        for group, params, grads, plain, scaled in split:
-            rho = self._hyper(group, "rho")
-            if plain is None:
-                if params:
-                    ops.perturb_(params, grads, [backup(p) for p in params], self.norm, rho, eta, False)
-            else:
-                for pick, is_scaled in ((plain, False), (scaled, True)):
+                for pick, is_scaled in ((plan.plain, False), (plan.scaled, True)):
                     if pick:
-                        ops.perturb_([params[i] for i in pick], [grads[i] for i in pick],
-                                     [backup(params[i]) for i in pick], self.norm, rho, eta, is_scaled)
-            self._perturbed.update(map(id, params))
+                        ps, gs = [params[j] for j in pick], [grads[j] for j in pick]
+                        bs = [plan.backups[j] for j in pick]
+                        self._guarded(lambda: ops.perturb_(ps, gs, bs, norm, rho, eta, is_scaled), [(ps, gs, True)])
+            self._perturbed[index] = plan
 
     @torch.no_grad()
     def restore_and_step(self, with_head: bool, found_inf: Optional[Tensor] = None) -> None:
@@ -214,45 +283,30 @@ class SharpnessEngine:
         if found_inf is not None and found_inf.numel() != 1:
             raise ValueError(f"found_inf must hold one value (a 0-d flag), got shape {tuple(found_inf.shape)}")
         self._run_phase_hooks("step")
-        perturbed, self._perturbed = self._perturbed, set()
+        perturbed, self._perturbed = self._perturbed, {}
         norm, self._step_norm = self._step_norm, None
         heads = self.head_grads if with_head else {}
-        if with_head:
-            self.head_grads = {}
-        device = None
-        strided, backup = torch.strided, self._backup
-        groups = []  # per group: params, grads, backups, head grads (None where absent)
+        self.head_grads = {} if with_head else self.head_grads
+        gathered, device = self._gather()
+        # Before the lists below are built: the reference backend's checks may replace a gradient.
+        backend_and_ops = self._ops(gathered, device) if device is not None else None
+        groups = []  # per group: (group, params, grads, backups, head grads or None)
         restore_params, restore_backups = [], []
-        for group in self.base.param_groups:
-            ps, gs, bs, hs = [], [], [], []
-            for p in group["params"]:
-                g = p.grad
-                key = id(p)
-                h = heads.get(key) if heads else None
-                if g is None:
-                    if h is None:
-                        if key in perturbed:  # perturbed, but no gradient now: restore only
-                            restore_params.append(p)
-                            restore_backups.append(self.backups[key][0])
-                        continue
-                    p.grad, g, h = h, h, None  # only the head loss reached it: its gradient is g_H alone
-                if g.layout is not strided or p.dtype not in _SUPPORTED or g.stride() != p.stride():
-                    g = self._checked_grad(p, g)  # raises, or fixes the layout
-                b = backup(p)
-                if key not in perturbed:  # its gradient appeared only now: nothing to undo
-                    b.copy_(p)
-                ps.append(p)
-                gs.append(g)
-                bs.append(b)
-                hs.append(h)
-            if device is None and ps:
-                device = ps[0].device
-            groups.append((group, ps, gs, bs, hs))
-        if device is None and restore_params:
-            device = restore_params[0].device
+        for index, group, params, grads in gathered:
+            plan, head = perturbed.get(index), heads.get(index)
+            if plan is not None and (head is None or head[0] == plan.ids) and plan.ids == list(map(id, params)):
+                # The usual step: the same parameters had gradients in every phase.
+                groups.append((group, params, grads, plan.backups, None if head is None else head[1]))
+            elif params or plan is not None or head is not None:
+                ps, gs, bs, hs, rps, rbs = self._irregular_group(group, plan, head)
+                groups.append((group, ps, gs, bs, hs))
+                restore_params += rps
+                restore_backups += rbs
+                if device is None and (ps or rps):
+                    device = (ps or rps)[0].device
         if device is None:
             return
-        backend, ops = self._ops([(g, ps, None) for g, ps, *_ in groups], device)
+        backend, ops = backend_and_ops or self._ops(gathered, device)
         ops.restore_(restore_params, restore_backups)
         if backend != "reference" and self._fused_sgd_possible():
             skip = self._skip_flag(norm, found_inf, device)
@@ -261,14 +315,45 @@ class SharpnessEngine:
             return
         for group, ps, gs, bs, hs in groups:
             ops.restore_(ps, bs)
-            with_h = [i for i, h in enumerate(hs) if h is not None]
-            ops.add_head_grads_([gs[i] for i in with_h], [hs[i] for i in with_h])
+            if hs is not None:
+                with_h = [j for j, h in enumerate(hs) if h is not None]
+                ps_h, gs_h, hs_h = [ps[j] for j in with_h], [gs[j] for j in with_h], [hs[j] for j in with_h]
+                self._guarded(lambda: ops.add_head_grads_(gs_h, hs_h), [(ps_h, gs_h, True), (ps_h, hs_h, False)])
         # A non-finite perturbation gradient skips the base step (weights stay restored).
         # Reading the flag syncs with the device; the fused SGD path above never does.
         skip = self._skip_flag(norm, found_inf, device)
         if skip is not None and bool(skip != 0):
             return
         self.base.step()
+
+    def _irregular_group(self, group: dict, plan: Optional[_GroupPlan], head):
+        """A group whose parameters with gradients changed between phases, one parameter at a time.
+
+        Returns its params, grads, backups and head grads (None where absent) for the step,
+        and the perturbed parameters without a gradient now, which are only restored.
+        """
+        perturbed = dict(zip(plan.ids, plan.backups)) if plan is not None else {}
+        heads = dict(zip(*head)) if head is not None else {}
+        ps, gs, bs, hs, restore_params, restore_backups = [], [], [], [], [], []
+        for p in group["params"]:
+            g, key = p.grad, id(p)
+            h = heads.get(key)
+            if g is None:
+                if h is None:
+                    if key in perturbed:  # perturbed, but no gradient now: restore only
+                        restore_params.append(p)
+                        restore_backups.append(perturbed[key])
+                    continue
+                p.grad, g, h = h, h, None  # only the head loss reached it: its gradient is g_H alone
+            b = perturbed.get(key)
+            if b is None:  # its gradient appeared only now: nothing to undo
+                b = self._backup(p)
+                b.copy_(p)
+            ps.append(p)
+            gs.append(g)
+            bs.append(b)
+            hs.append(h)
+        return ps, gs, bs, hs, restore_params, restore_backups
 
     @staticmethod
     def _skip_flag(norm: Optional[Tensor], found_inf: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
@@ -287,6 +372,7 @@ class SharpnessEngine:
             g.get("differentiable", False) for g in self.base.param_groups)
 
     def _fused_sgd(self, ops, group, ps, gs, bs, hs, found_inf) -> None:
+        """restore_sgd_step_ over one group; ``hs``: head gradients (None entries where absent) or None."""
         if not ps:
             return
         momentum = group["momentum"]
@@ -294,24 +380,28 @@ class SharpnessEngine:
         lr_tensor = None
         if isinstance(lr, Tensor):
             lr_tensor, lr = lr.to(device=ps[0].device, dtype=torch.float32), 0.0
-        # One call per (has head gradient, has momentum buffer) subset: the op takes
-        # whole lists of either.
         state = self.base.state
-        bufs = [state[p].get("momentum_buffer") for p in ps] if momentum != 0 else [None] * len(ps)
-        subsets: dict[tuple[bool, bool], list[int]] = defaultdict(list)
-        for i, (h, buf) in enumerate(zip(hs, bufs)):
-            subsets[(h is not None, buf is not None)].append(i)
+        bufs = [state[p].get("momentum_buffer") for p in ps] if momentum != 0 else None
+        # The op takes whole lists of head gradients and momentum buffers, or none: one call
+        # per (has head gradient, has momentum buffer) subset; usually there is one.
+        if (hs is None or not _has_none(hs)) and (bufs is None or not _has_none(bufs)):
+            subsets = {(hs is not None, bufs is not None): None}  # None: every index
+        else:
+            subsets = defaultdict(list)
+            for j in range(len(ps)):
+                subsets[(hs is not None and hs[j] is not None, bufs is not None and bufs[j] is not None)].append(j)
         for (has_head, has_buf), idx in subsets.items():
+            pick = (lambda xs: xs) if idx is None else (lambda xs: [xs[j] for j in idx])
             if momentum != 0 and not has_buf:  # SGD's first step: the op writes buf = d
-                for i in idx:
+                for j in idx:
                     # Zeros, not empty: a skipped first step leaves the buffer as
                     # allocated, and the next step's momentum * 0 + (1 - dampening) * d
                     # is SGD's first step exactly when dampening is 0.
-                    bufs[i] = state[ps[i]]["momentum_buffer"] = torch.zeros_like(
-                        ps[i], memory_format=torch.preserve_format)
-            ops.restore_sgd_step_(
-                [ps[i] for i in idx], [gs[i] for i in idx], [bs[i] for i in idx],
-                [hs[i] for i in idx] if has_head else [], [bufs[i] for i in idx] if momentum != 0 else [], lr,
-                momentum, group.get("dampening", 0.0),
-                group.get("weight_decay", 0.0), group.get("nesterov", False), group.get("maximize", False),
-                not has_buf, lr_tensor, found_inf)
+                    bufs[j] = state[ps[j]]["momentum_buffer"] = torch.zeros_like(
+                        ps[j], memory_format=torch.preserve_format)
+            sp, sg, sh = pick(ps), pick(gs), pick(hs) if has_head else []
+            sb, sbuf = pick(bs), pick(bufs) if momentum != 0 else []
+            self._guarded(lambda: ops.restore_sgd_step_(
+                sp, sg, sb, sh, sbuf, lr, momentum, group.get("dampening", 0.0), group.get("weight_decay", 0.0),
+                group.get("nesterov", False), group.get("maximize", False), not has_buf, lr_tensor, found_inf),
+                [(sp, sg, True), (sp, sh, False)] if has_head else [(sp, sg, True)])
