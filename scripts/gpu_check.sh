@@ -18,39 +18,10 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 LOG="$OUT/run.log"
 BUDGET=${GPU_CHECK_BUDGET_S:-330}
-START=$(date +%s)
+source scripts/gpu_common.sh
+record_machine "$OUT/env.txt"
 
-limit_for() {  # the stage's own limit, or what is left of the budget if less
-  local left=$(( BUDGET - ($(date +%s) - START) - 5 ))
-  (( left < $1 )) && echo "$left" || echo "$1"
-}
-
-{
-  date -u +"date %Y-%m-%dT%H:%M:%SZ"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  nvcc --version | tail -2
-  git rev-parse HEAD 2>/dev/null || true
-} > "$OUT/env.txt" 2>&1
-
-stage() {  # stage NAME LIMIT_S COMMAND...: runs, logs, never stops the script
-  local name=$1 limit
-  limit=$(limit_for "$2")
-  shift 2
-  if (( limit < 10 )); then
-    echo "== $name: skipped, the budget is spent" | tee -a "$LOG"
-    return
-  fi
-  echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
-  local t0
-  t0=$(date +%s)
-  timeout "$limit" "$@" >> "$LOG" 2>&1
-  local rc=$?
-  echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
-}
-
-stage build 150 env IMBSAM_BUILD_CUDA=1 MAX_JOBS="$(nproc)" "$PY" -m pip install --no-deps --no-build-isolation -e .
-stage backends 30 "$PY" -c "import imbsam; print('available backends:', imbsam.available_backends())"
+build_with_cuda
 # The tests keep their own log file.
 stage tests 180 bash -c "\"$PY\" -m pytest -q -rs tests > \"$OUT/tests.log\" 2>&1"
 echo "   tests: $(tail -1 "$OUT/tests.log" 2>/dev/null)" | tee -a "$LOG"

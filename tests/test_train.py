@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -68,3 +69,33 @@ def test_resume_rejects_changed_options(cifar_root, tmp_path):
     main(args(cifar_root, out, "--opt", "sgd", "--max-epochs-this-run", "1"))
     with pytest.raises(SystemExit, match="rho"):
         main(args(cifar_root, out, "--opt", "sgd", "--rho", "0.1", "--resume"))
+
+
+def test_time_limit_stops_with_a_checkpoint_and_resumes(cifar_root, tmp_path):
+    """A limit shorter than any epoch: one epoch runs, its checkpoint is written although
+    --checkpoint-every would skip it, and --resume finishes the run."""
+    out = str(tmp_path / "run")
+    assert main(args(cifar_root, out, "--opt", "sam", "--time-limit-s", "0.001", "--checkpoint-every", "5")) is None
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] == 1
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+    with open(os.path.join(out, "train.log")) as f:
+        assert "--time-limit-s" in f.read()
+    metrics = main(args(cifar_root, out, "--opt", "sam", "--resume", "--checkpoint-every", "5"))
+    assert metrics["epochs"] == 2
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] == 2  # the last is kept
+
+
+def test_checkpoint_every_skips_epochs_in_between(cifar_root, tmp_path, monkeypatch):
+    run_module = sys.modules["imbsam.train.run"]  # the package exports a function of the same name
+    written = []
+    real = run_module.save_checkpoint
+    monkeypatch.setattr(run_module, "save_checkpoint", lambda path, ck: (written.append(ck["epoch"]), real(path, ck)))
+    out = str(tmp_path / "run")
+    main(args(cifar_root, out, "--opt", "sgd", "--epochs", "5", "--checkpoint-every", "2"))
+    assert written == [2, 4, 5]  # every second epoch, and the last
+
+
+@pytest.mark.parametrize("bad", [["--checkpoint-every", "0"], ["--time-limit-s", "-1"]])
+def test_bad_run_control_options(cifar_root, tmp_path, bad):
+    with pytest.raises(SystemExit, match=bad[0]):
+        main(args(cifar_root, str(tmp_path / "run"), "--opt", "sgd", *bad))

@@ -49,6 +49,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--max-epochs-this-run", type=int, default=None,
                    help="stop after this many epochs (resume later): splits a long run into sessions")
+    t.add_argument("--time-limit-s", type=float, default=None,
+                   help="stop (with a checkpoint, to resume later) before an epoch that would end later than this "
+                        "many seconds after training began, judged by the slowest epoch so far")
+    t.add_argument("--checkpoint-every", type=int, default=1,
+                   help="write OUT/checkpoint.pt every N epochs (and always after the last one and when stopping "
+                        "early); a ResNet-34 checkpoint is ~170 MB")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
     return ap
 
@@ -62,5 +68,9 @@ def validate(args: argparse.Namespace) -> None:
         raise SystemExit(f"--rho must be >= 0, got {args.rho}")
     if args.imb_factor < 1:
         raise SystemExit(f"--imb-factor must be >= 1, got {args.imb_factor}")
+    if args.checkpoint_every < 1:
+        raise SystemExit(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.time_limit_s is not None and args.time_limit_s <= 0:
+        raise SystemExit(f"--time-limit-s must be > 0, got {args.time_limit_s}")
     if args.eval_every < 1:
         raise SystemExit(f"--eval-every must be >= 1, got {args.eval_every}")

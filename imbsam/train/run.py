@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> dict | None:
         f"{args.opt} (backend {backend}), {args.epochs} epochs, batch {args.batch_size}")
 
     stop_after = None if args.max_epochs_this_run is None else start_epoch + args.max_epochs_this_run
+    loop_start, slowest_epoch_s = time.perf_counter(), 0.0
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         lr = current_lr(optimizer)
@@ -136,14 +137,22 @@ def run(args: argparse.Namespace) -> dict | None:
                   f"all {record['all']:.1f}" if "all" in record else "")
         log(f"epoch {epoch + 1:3d}/{args.epochs} lr {lr:.2e} loss {stats['train_loss']:.4f} "
             f"acc {stats['train_acc']:5.1f} {stats['images_per_s']:7.0f} img/s {record['epoch_s']:6.1f} s{tested}")
-        save_checkpoint(ckpt_path, dict(
-            epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), data_rng=generator.get_state(), torch_rng=torch.get_rng_state(),
-            history=history, wall_s=wall, args=vars(args)))
+        slowest_epoch_s = max(slowest_epoch_s, record["epoch_s"])
+        last = epoch + 1 == args.epochs
+        stop = None
+        if not last and stop_after is not None and epoch + 1 >= stop_after:
+            stop = "--max-epochs-this-run"
+        elif not last and args.time_limit_s is not None and (
+                time.perf_counter() - loop_start + slowest_epoch_s > args.time_limit_s):
+            stop = f"--time-limit-s {args.time_limit_s:g}: another epoch would not end in time"
+        if stop or last or (epoch + 1) % args.checkpoint_every == 0:
+            save_checkpoint(ckpt_path, dict(
+                epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), data_rng=generator.get_state(), torch_rng=torch.get_rng_state(),
+                history=history, wall_s=wall, args=vars(args)))
         write_json(os.path.join(args.out, "history.json"), history)
-        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < args.epochs:
-            log(f"stopped after epoch {epoch + 1} (--max-epochs-this-run); continue with the same command "
-                "and --resume")
+        if stop:
+            log(f"stopped after epoch {epoch + 1} ({stop}); continue with the same command and --resume")
             return None
     return finish(args, data, counts, groups, history, wall, device, backend, log)
 

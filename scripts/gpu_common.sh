@@ -1,0 +1,45 @@
+# Shared by the prepared GPU scripts (sourced): an overall time budget, stages that are
+# cut rather than overrun it, and a record of the machine. Expects OUT, LOG, BUDGET, PY.
+START=$(date +%s)
+
+seconds_left() {  # what is left of the budget, less a small margin for packing up
+  echo $(( BUDGET - ($(date +%s) - START) - 5 ))
+}
+
+limit_for() {  # the stage's own limit, or what is left of the budget if less
+  local left
+  left=$(seconds_left)
+  (( left < $1 )) && echo "$left" || echo "$1"
+}
+
+record_machine() {  # FILE: GPU, driver, torch, triton, nvcc, commit, date
+  {
+    date -u +"date %Y-%m-%dT%H:%M:%SZ"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    nvcc --version | tail -2
+    git rev-parse HEAD 2>/dev/null || true
+  } > "$1" 2>&1
+}
+
+stage() {  # stage NAME LIMIT_S COMMAND...: runs, logs, never stops the script; sets STAGE_RC
+  local name=$1 limit
+  limit=$(limit_for "$2")
+  shift 2
+  if (( limit < 10 )); then
+    echo "== $name: skipped, the budget is spent" | tee -a "$LOG"
+    STAGE_RC=124
+    return
+  fi
+  echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0
+  t0=$(date +%s)
+  timeout "$limit" "$@" >> "$LOG" 2>&1
+  STAGE_RC=$?
+  echo "== $name: rc=$STAGE_RC in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
+}
+
+build_with_cuda() {  # the package against this machine's torch, CUDA kernels included
+  stage build 150 env IMBSAM_BUILD_CUDA=1 MAX_JOBS="$(nproc)" "$PY" -m pip install --no-deps --no-build-isolation -e .
+  stage backends 30 "$PY" -c "import imbsam; print('available backends:', imbsam.available_backends())"
+}
