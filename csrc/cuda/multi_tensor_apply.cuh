@@ -45,9 +45,10 @@ __device__ __forceinline__ int64_t chunk_pointers(const TensorListMetadata<D>& t
 }
 
 // Applies op(x) to every element of the chunk, x[d] holding list d's value in math
-// precision; lists whose bit is set in kOutMask are written back. 16-byte vector loads
-// where every pointer is aligned, then a guarded scalar tail.
-template <int D, int kOutMask, typename T, typename Op>
+// precision; lists whose bit is set in kInMask are read (the others start at 0: an
+// output the op only writes costs no read), those in kOutMask written back. 16-byte
+// vector accesses where every pointer is aligned, then a guarded scalar tail.
+template <int D, int kOutMask, int kInMask = (1 << D) - 1, typename T, typename Op>
 __device__ __forceinline__ void elementwise_chunk(T* const (&p)[D], int64_t n, const Op& op) {
   using M = math_t<T>;
   constexpr int V = 16 / sizeof(T);
@@ -57,12 +58,13 @@ __device__ __forceinline__ void elementwise_chunk(T* const (&p)[D], int64_t n, c
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * V; i < vec_end; i += static_cast<int64_t>(blockDim.x) * V) {
     Vec<T, V> r[D];
 #pragma unroll
-    for (int d = 0; d < D; ++d) r[d] = *reinterpret_cast<const Vec<T, V>*>(p[d] + i);
+    for (int d = 0; d < D; ++d)
+      if (kInMask & (1 << d)) r[d] = *reinterpret_cast<const Vec<T, V>*>(p[d] + i);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       M x[D];
 #pragma unroll
-      for (int d = 0; d < D; ++d) x[d] = static_cast<M>(r[d].val[v]);
+      for (int d = 0; d < D; ++d) x[d] = (kInMask & (1 << d)) ? static_cast<M>(r[d].val[v]) : M(0);
       op(x);
 #pragma unroll
       for (int d = 0; d < D; ++d)
@@ -75,7 +77,7 @@ __device__ __forceinline__ void elementwise_chunk(T* const (&p)[D], int64_t n, c
   for (int64_t i = vec_end + threadIdx.x; i < n; i += blockDim.x) {
     M x[D];
 #pragma unroll
-    for (int d = 0; d < D; ++d) x[d] = static_cast<M>(p[d][i]);
+    for (int d = 0; d < D; ++d) x[d] = (kInMask & (1 << d)) ? static_cast<M>(p[d][i]) : M(0);
     op(x);
 #pragma unroll
     for (int d = 0; d < D; ++d)

@@ -24,7 +24,7 @@ struct PerturbFunctor {
     const bool finite = isfinite(nv);
     const M scale = static_cast<M>(rho / (nv + 1e-16));
     const M eta = static_cast<M>(eta_a);
-    elementwise_chunk<3, 0b101>(p, n, [&](M(&x)[3]) {
+    elementwise_chunk<3, 0b101, 0b011>(p, n, [&](M(&x)[3]) {  // reads w, g; writes w, backup
       const M w = x[0];
       x[2] = w;
       if (finite) {
@@ -46,7 +46,7 @@ struct CopyFunctor {
     using M = math_t<T>;
     T* p[2];
     const int64_t n = chunk_pointers<2, T>(tl, p);
-    elementwise_chunk<2, 0b01>(p, n, [](M(&x)[2]) { x[0] = x[1]; });
+    elementwise_chunk<2, 0b01, 0b10>(p, n, [](M(&x)[2]) { x[0] = x[1]; });  // dst is only written
   }
 };
 
@@ -77,7 +77,7 @@ struct SgdFunctor {
     T* p[D];
     const int64_t n = chunk_pointers<D, T>(tl, p);
     if (a.found_inf_ptr != nullptr && *a.found_inf_ptr != 0.0f) {
-      elementwise_chunk<D, 0b1>(p, n, [](M(&x)[D]) { x[0] = x[2]; });
+      elementwise_chunk<D, 0b1, 0b100>(p, n, [](M(&x)[D]) { x[0] = x[2]; });
       return;
     }
     const M lr = static_cast<M>(a.lr_ptr != nullptr ? static_cast<double>(*a.lr_ptr) : a.lr);
@@ -86,7 +86,8 @@ struct SgdFunctor {
     const M sign = a.maximize ? M(-1) : M(1);
     constexpr int kBuf = D - 1;
     constexpr int kOut = 1 | (kMomentum ? (1 << kBuf) : 0);
-    elementwise_chunk<D, kOut>(p, n, [&](M(&x)[D]) {
+    constexpr int kIn = ((1 << D) - 1) & ~1;  // w is rewritten from its backup: never read
+    elementwise_chunk<D, kOut, kIn>(p, n, [&](M(&x)[D]) {
       const M w = x[2];
       M d = x[1];
       if constexpr (kHead) d += x[3];
