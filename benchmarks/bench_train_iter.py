@@ -51,9 +51,13 @@ def main(argv=None):
     ap.add_argument("--variants", default="eager,fast")
     ap.add_argument("--methods", default="sgd,sam,imbsam")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--no-cudnn-benchmark", action="store_true",
+                    help="keep cuDNN's default algorithm choice (autotuning is on by default, as in the trainer)")
     ap.add_argument("--out", default="runs/bench/train_iter.json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    # Fixed shapes: let cuDNN time its convolution algorithms once (the warmup absorbs it).
+    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     fused = [b for b in imbsam.available_backends() if b in {"cpu": ("cpp",), "cuda": ("cuda", "triton")}[device.type]]
     info = machine_info(device)
     print(f"ResNet-34 (CIFAR stem), batch {args.batch}, on {info.get('gpu') or info.get('cpu')}")
@@ -74,7 +78,8 @@ def main(argv=None):
                 print(f"  {variant:5s} {method:7s} {backend:10s} {ms:8.2f} ms/iter")
                 records.append(dict(bench="train_iter", model="resnet34", batch=args.batch, variant=variant,
                                     dtype="bfloat16-autocast" if variant == "fast" else "float32", method=method,
-                                    backend=backend, ms=round(ms, 3), reps=args.reps, device=device.type, **info,
+                                    backend=backend, ms=round(ms, 3), reps=args.reps, device=device.type,
+                                    cudnn_benchmark=torch.backends.cudnn.benchmark, **info,
                                     **record_meta(argv)))
                 del step
     write_records(args.out, records)

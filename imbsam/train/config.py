@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     t.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast for the forward passes")
     t.add_argument("--channels-last", action="store_true")
+    t.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="on CUDA, keep cuDNN's default convolution algorithms instead of timing them once (the "
+                        "batch shapes are fixed, so timing them usually pays)")
     t.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole step in a CUDA graph (drops the last partial batch of each epoch)")
     t.add_argument("--eval-every", type=int, default=1, help="test every N epochs (and always after the last)")

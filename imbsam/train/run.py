@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> dict | None:
     device = resolve_device(args.device)
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit("--cuda-graph needs a CUDA device")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not args.resume:
