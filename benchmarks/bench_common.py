@@ -30,6 +30,65 @@ def median_ms(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _sleep_cycles_per_ms() -> float:
+    """GPU clock cycles per millisecond of torch.cuda._sleep, measured once."""
+    global _CYCLES_PER_MS
+    if _CYCLES_PER_MS is None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1000)  # load the kernel
+        start.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        end.synchronize()
+        _CYCLES_PER_MS = 10_000_000 / start.elapsed_time(end)
+    return _CYCLES_PER_MS
+
+
+_CYCLES_PER_MS = None
+
+
+def device_ms(fn, reps: int, host_ms: float, warmup: int = 2) -> float:
+    """Median GPU time of ``fn`` with the host ahead of the GPU, as inside a training loop.
+
+    A spin kernel longer than ``fn``'s host time is queued first, so every launch of
+    ``fn`` is queued before the GPU reaches the start event: the events then time the
+    GPU's work and its gaps between kernels, not the Python and launch costs (which
+    ``median_ms`` from an idle GPU includes). A host sync inside ``fn`` shows up anyway.
+    """
+    cycles = int(_sleep_cycles_per_ms() * (2 * host_ms + 0.5))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def host_ms(fn, reps: int = 5) -> float:
+    """Median host time of enqueueing ``fn`` (no sync at the end): what ``device_ms`` must hide."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def kernel_ms(fn, device: torch.device, reps: int) -> float:
+    """The GPU's own time on CUDA (``device_ms``), the host's wall time elsewhere: for
+    bandwidth baselines such as one large copy, whose launch cost is no part of it."""
+    if device.type == "cuda":
+        return device_ms(fn, reps, host_ms(fn))
+    return median_ms(fn, device, reps)
+
+
 def machine_info(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     if device.type == "cuda":

@@ -1,7 +1,9 @@
 """Per-op bandwidth: each imbsam op on a model's parameter list, GB/s against the copy
 (and, for the norm, read) bandwidth measured in the same run.
 
-Every backend's result is checked against the reference before it is timed.
+Every backend's result is checked against the reference before it is timed. On a GPU
+the GB/s come from ``device_ms`` (the kernels' time with the host ahead of the GPU);
+``ms`` is the call from an idle GPU, its host cost included.
 
     python benchmarks/bench_ops.py --device cuda --out runs/bench/ops.json
 """
@@ -17,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imbsam  # noqa: E402
 from imbsam import backends, reference  # noqa: E402
 from param_lists import model_shapes  # noqa: E402
-from bench_common import machine_info, median_ms, record_meta, write_records  # noqa: E402
+from bench_common import (device_ms, host_ms, kernel_ms, machine_info, median_ms, record_meta,  # noqa: E402
+                          write_records)
 
 # Tensor passes each op makes over memory (reads + writes), as in ALGORITHM.md.
 PASSES = {"grad_norm": 1, "perturb_": 4, "restore_": 2, "add_head_grads_": 3, "restore_sgd_step_": 6}
@@ -83,8 +86,8 @@ def main(argv=None):
         dtype = getattr(torch, dtype_name)
         size = torch.empty((), dtype=dtype).element_size()
         src, dst = torch.randn(n, device=device).to(dtype), torch.empty(n, device=device, dtype=dtype)
-        copy_gbs = 2 * n * size / median_ms(lambda: dst.copy_(src), device, args.reps) / 1e6
-        read_gbs = n * size / median_ms(lambda: src.sum(), device, args.reps) / 1e6
+        copy_gbs = 2 * n * size / kernel_ms(lambda: dst.copy_(src), device, args.reps) / 1e6
+        read_gbs = n * size / kernel_ms(lambda: src.sum(), device, args.reps) / 1e6
         del src, dst
         print(f"  {dtype_name}: copy {copy_gbs:.1f} GB/s, read (sum) {read_gbs:.1f} GB/s")
         for name in names:
@@ -94,12 +97,17 @@ def main(argv=None):
             L = fresh_lists(shapes, dtype, device)
             for op, call in op_calls(ops, L).items():
                 ms = median_ms(call, device, args.reps)
-                gbs = PASSES[op] * n * size / ms / 1e6
+                # On a GPU the bandwidth is the kernels' own: device time with the host ahead
+                # (from an idle GPU, the op's host cost before its first launch would count).
+                dev = device_ms(call, args.reps, host_ms(call)) if device.type == "cuda" else None
+                gbs = PASSES[op] * n * size / (ms if dev is None else dev) / 1e6
                 bound = read_gbs if op == "grad_norm" else copy_gbs
-                print(f"  {dtype_name:9s} {name:10s} {op:18s} {ms:8.3f} ms {gbs:7.1f} GB/s "
+                dev_text = "" if dev is None else f" (device {dev:7.3f} ms)"
+                print(f"  {dtype_name:9s} {name:10s} {op:18s} {ms:8.3f} ms{dev_text} {gbs:7.1f} GB/s "
                       f"{100 * gbs / bound:5.0f} % of {'read' if op == 'grad_norm' else 'copy'}")
                 records.append(dict(bench="op", op=op, model=args.model, n_params=n, dtype=dtype_name,
-                                    method="-", backend=name, ms=round(ms, 4), gbs=round(gbs, 2),
+                                    method="-", backend=name, ms=round(ms, 4),
+                                    device_ms=None if dev is None else round(dev, 4), gbs=round(gbs, 2),
                                     copy_gbs=round(copy_gbs, 2), read_gbs=round(read_gbs, 2),
                                     pct_of_bound=round(100 * gbs / bound, 1), reps=args.reps, device=device.type,
                                     **info, **record_meta(argv)))
