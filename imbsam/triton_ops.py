@@ -77,13 +77,20 @@ class _Tables:
         self.n_chunks = len(chunk_tensor)
 
 
+# Tables a CUDA graph captured: its replays read their device memory (and copy from their
+# pinned host memory, when the capture built them), so they are never evicted or freed.
+_GRAPH_TABLES: dict = {}
+
+
 def _tables(lists: list[list[Tensor]]) -> _Tables:
     key = tuple((t.data_ptr(), t.numel()) for lst in lists for t in lst) + (len(lists),)
-    tables = _TABLE_CACHE.get(key)
+    tables = _TABLE_CACHE.get(key) or _GRAPH_TABLES.get(key)
     if tables is None:
         if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
             _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
         tables = _TABLE_CACHE[key] = _Tables(lists)
+    if lists[0][0].is_cuda and torch.cuda.is_current_stream_capturing():
+        _GRAPH_TABLES[key] = tables
     return tables
 
 

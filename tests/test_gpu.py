@@ -102,3 +102,37 @@ def test_non_finite_gradient_is_skipped_on_the_device(backend):
     x[0, 0, 0, 0] = float("inf")
     full_step("sam", model, opt, None, x, y)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="needs the triton backend on CUDA")
+def test_triton_tables_outlive_a_captured_graph():
+    """The address tables a graph captured stay alive when the table cache moves on."""
+    from imbsam import triton_ops
+
+    model = small_cnn().cuda()
+    eager_model = copy.deepcopy(model)
+    opt, eager_opt = make_opt("sam", model, "triton"), make_opt("sam", eager_model, "triton")
+    x, y = torch.randn(16, 3, 8, 8, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        full_step("sam", model, opt, None, x, y)
+    torch.cuda.current_stream().wait_stream(side)
+    full_step("sam", eager_model, eager_opt, None, x, y)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        full_step("sam", model, opt, None, x, y)
+    # Push every entry out of the cache, free its memory and write over what was freed.
+    pairs = [(torch.randn(5, device="cuda"), torch.randn(5, device="cuda"))  # alive: distinct addresses
+             for _ in range(2 * triton_ops._TABLE_CACHE_SIZE)]
+    for a, b in pairs:
+        triton_ops.restore_([a], [b])
+    torch.cuda.synchronize()
+    del pairs
+    junk = [torch.full((64,), -1, dtype=torch.int64, device="cuda") for _ in range(1000)]
+    for _ in range(3):
+        graph.replay()
+        full_step("sam", eager_model, eager_opt, None, x, y)
+    torch.cuda.synchronize()
+    del junk
+    assert max_err(model.parameters(), eager_model.parameters()) < 1e-4
