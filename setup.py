@@ -60,6 +60,20 @@ def _default_arch_list() -> str:
     return "9.0+PTX"
 
 
+def _has_pre_volta(arch_list: str) -> bool:
+    # Kernel arguments beyond 4 KiB need compute capability 7.0 (and CUDA 12.1).
+    for arch in arch_list.replace(";", " ").replace(",", " ").split():
+        name = arch.split("+")[0]
+        if name in ("Kepler", "Maxwell", "Pascal"):
+            return True
+        try:
+            if float(name) < 7.0:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
 def extensions():
     # No -std flag: torch picks the standard its headers need (C++17 up to 2.9, C++20 after).
     # -ffp-contract=off: no fused multiply-adds, so fp32 results match the reference bit for bit.
@@ -76,6 +90,8 @@ def extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list())
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        if _has_pre_volta(os.environ["TORCH_CUDA_ARCH_LIST"]):
+            nvcc_flags.append("-DIMBSAM_MTA_LARGE_ARGS=0")
         print(f"imbsam: building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
         return [CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
                               define_macros=[("IMBSAM_WITH_CUDA", "1")], **common)]

@@ -62,9 +62,11 @@ void check_all(std::mt19937_64& rng) {
   check<D>({});
   check<D>({0, 0});
   check<D>({1, 7, 65537, 278011, 0});
+  constexpr int64_t kFull = kChunkSize * kMaxBlocks;         // the elements one launch holds
   check<D>(std::vector<int64_t>(333, 1000));                 // more tensors than one launch holds
-  check<D>({25'000'000});                                    // more chunks than one launch holds
-  check<D>({5, 25'000'000, 3, 0, kChunkSize * kMaxBlocks});  // carry-over mid-tensor, exact fill
+  check<D>({25'000'000});
+  check<D>({2 * kFull + 12345});                             // more chunks than one launch holds
+  check<D>({5, 2 * kFull - 7, 3, 0, kFull});                 // carry-over mid-tensor, exact fill
   for (int trial = 0; trial < 200; ++trial) {
     std::vector<int64_t> numels(rng() % 400);
     for (auto& n : numels) {

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <array>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -15,10 +16,22 @@ namespace imbsam::cuda {
 // 64 Ki elements a block: PyTorch's multi-tensor-apply choice, enough work per block
 // to hide launch and tail effects.
 constexpr int64_t kChunkSize = 1 << 16;
-// Kernel arguments were limited to 4 KiB before CUDA 12.1: these caps keep the
-// metadata of every depth (1..5 lists) below that.
+// Kernel arguments are limited to 4 KiB before CUDA 12.1; from 12.1 on Volta and newer
+// GPUs to 32 KiB (multi_tensor_apply.cuh sets IMBSAM_MTA_LARGE_ARGS there). With the
+// large caps a ResNet-34 list (110 tensors, 410 chunks) is one launch per op instead of
+// two to four partly filled ones.
+#ifndef IMBSAM_MTA_LARGE_ARGS
+#define IMBSAM_MTA_LARGE_ARGS 0
+#endif
+#if IMBSAM_MTA_LARGE_ARGS
+constexpr int kMaxTensors[5] = {255, 255, 255, 200, 160};  // block_to_tensor is one byte
+constexpr int kMaxBlocks = 1024;
+constexpr size_t kMaxArgBytes = 32764;
+#else
 constexpr int kMaxTensors[5] = {110, 64, 48, 36, 30};
 constexpr int kMaxBlocks = 320;
+constexpr size_t kMaxArgBytes = 4096;
+#endif
 
 template <int D>
 struct TensorListMetadata {
@@ -27,6 +40,13 @@ struct TensorListMetadata {
   unsigned char block_to_tensor[kMaxBlocks];
   int block_to_chunk[kMaxBlocks];
 };
+
+// The metadata plus the other kernel arguments (block offset, functor, scalars) must fit.
+static_assert(sizeof(TensorListMetadata<1>) + 256 <= kMaxArgBytes, "depth 1 metadata too large");
+static_assert(sizeof(TensorListMetadata<2>) + 256 <= kMaxArgBytes, "depth 2 metadata too large");
+static_assert(sizeof(TensorListMetadata<3>) + 256 <= kMaxArgBytes, "depth 3 metadata too large");
+static_assert(sizeof(TensorListMetadata<4>) + 256 <= kMaxArgBytes, "depth 4 metadata too large");
+static_assert(sizeof(TensorListMetadata<5>) + 256 <= kMaxArgBytes, "depth 5 metadata too large");
 
 // Calls launch(metadata, n_blocks, block_offset) for each launch; block_offset counts
 // the blocks of earlier launches, so a kernel can give each chunk its own output slot.

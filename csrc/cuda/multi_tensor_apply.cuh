@@ -7,10 +7,17 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cuda_runtime_api.h>
+
 #include <array>
 #include <cstdint>
 #include <vector>
 
+// 32 KiB kernel arguments from CUDA 12.1 (Volta and newer; setup.py passes
+// -DIMBSAM_MTA_LARGE_ARGS=0 when asked to build for an older GPU).
+#if !defined(IMBSAM_MTA_LARGE_ARGS) && CUDART_VERSION >= 12010
+#define IMBSAM_MTA_LARGE_ARGS 1
+#endif
 #include "mta_plan.h"
 
 namespace imbsam::cuda {
