@@ -57,8 +57,9 @@ constexpr int64_t kBlockElems = 512;
 
 // Runs kernel(x, n) over a chunk in math precision, x[d] pointing at list d's values.
 // fp32/fp64 kernels work on the tensors' own memory; bf16/fp16 ones on float scratch
-// blocks, and the lists whose bit is set in kOutMask are rounded back afterwards.
-template <int D, int kOutMask, typename T, typename Kernel>
+// blocks: the lists whose bit is set in kInMask are converted in (a list the kernel only
+// writes is not read), those in kOutMask rounded back afterwards.
+template <int D, int kOutMask, int kInMask = (1 << D) - 1, typename T, typename Kernel>
 void in_math_precision(T* const (&p)[D], int64_t n, const Kernel& kernel) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     kernel(p, n);
@@ -68,7 +69,8 @@ void in_math_precision(T* const (&p)[D], int64_t n, const Kernel& kernel) {
     for (int d = 0; d < D; ++d) x[d] = scratch[d];
     for (int64_t b = 0; b < n; b += kBlockElems) {
       const int64_t m = std::min(kBlockElems, n - b);
-      for (int d = 0; d < D; ++d) to_float(p[d] + b, scratch[d], m);
+      for (int d = 0; d < D; ++d)
+        if (kInMask & (1 << d)) to_float(p[d] + b, scratch[d], m);
       kernel(x, m);
       for (int d = 0; d < D; ++d)
         if (kOutMask & (1 << d)) from_float(scratch[d], p[d] + b, m);

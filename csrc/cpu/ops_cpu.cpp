@@ -175,7 +175,8 @@ void sgd_chunk(T* w, T* g, T* backup, T* h, T* buf, int64_t n, const SgdArgs& a)
   if constexpr (kHead) p[3] = h;
   if constexpr (kMomentum) p[3 + kHead] = buf;
   constexpr int kOut = 1 | (kMomentum ? 1 << (D - 1) : 0);
-  in_math_precision<D, kOut>(p, n, [&](M* const* x, int64_t len) {
+  constexpr int kIn = ((1 << D) - 1) & ~1;  // w is rewritten from its backup: never read
+  in_math_precision<D, kOut, kIn>(p, n, [&](M* const* x, int64_t len) {
     if (!kMomentum) sgd_math<T, kHead, kMomentum, false, false>(x, len, a);
     else if (a.first_momentum_step && a.nesterov) sgd_math<T, kHead, kMomentum, true, true>(x, len, a);
     else if (a.first_momentum_step) sgd_math<T, kHead, kMomentum, true, false>(x, len, a);
