@@ -106,6 +106,9 @@ setup(
     packages=find_packages(include=["imbsam", "imbsam.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
+    # The optimizers need torch alone; the training pipeline (python -m imbsam.train, the
+    # ResNet-34 model, downloads, progress bars, plots) these too.
+    extras_require={"train": ["torchvision", "tqdm", "matplotlib"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -17,7 +17,11 @@ MODELS = ("resnet34", "resnet32")
 
 def resnet34_cifar(num_classes: int = 100, in_channels: int = 3) -> nn.Module:
     """ResNet-34 with a CIFAR stem; ``in_channels=1`` for grayscale (Fashion-MNIST)."""
-    from torchvision.models import resnet34
+    try:
+        from torchvision.models import resnet34
+    except ImportError as exc:
+        raise ImportError("resnet34_cifar builds on torchvision's ResNet-34: pip install torchvision "
+                          "(or imbsam[train])") from exc
 
     model = resnet34(num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)

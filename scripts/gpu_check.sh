@@ -25,7 +25,10 @@ build_with_cuda
 # The tests keep their own log file. The GPU-relevant files first, so a cut run has them.
 FIRST="tests/test_gpu.py tests/test_ops.py tests/test_optimizers.py tests/test_engine_phases.py"
 FIRST="$FIRST tests/test_paper_semantics.py tests/test_errors.py tests/test_compile.py"
-stage tests 180 bash -c "\"$PY\" -m pytest -q -rs $FIRST tests > \"$OUT/tests.log\" 2>&1"
+# With pytest-xdist (the GPU image has it) four workers share the 16 cores and the GPU,
+# one test file each at a time; without it the files run in the order above.
+PARALLEL=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
+stage tests 180 bash -c "\"$PY\" -m pytest -q -rs $PARALLEL $FIRST tests > \"$OUT/tests.log\" 2>&1"
 echo "   tests: $(tail -1 "$OUT/tests.log" 2>/dev/null)" | tee -a "$LOG"
 stage bench_ops 40 "$PY" benchmarks/bench_ops.py --device cuda --dtypes float32,bfloat16 --out "$OUT/ops.json"
 for model in resnet34 vit_b_16; do
