@@ -357,8 +357,11 @@ class SharpnessEngine:
 
     @staticmethod
     def _skip_flag(norm: Optional[Tensor], found_inf: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
-        """A 0-d float32 on the device, nonzero when the step must be skipped; None if nothing can say so."""
-        own = None if norm is None else torch.isfinite(norm).logical_not().to(torch.float32)
+        """A 0-d float on the device, nonzero (NaN counts) when the step must be skipped; None if
+        nothing can say so."""
+        # norm - norm is 0 for a finite norm and NaN for an infinite or NaN one; every op
+        # skips on a flag != 0, which NaN is: one kernel instead of isfinite, not and a cast.
+        own = None if norm is None else norm - norm
         if found_inf is None:
             return own
         theirs = found_inf.reshape(()).to(device=device, dtype=torch.float32)
