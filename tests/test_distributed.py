@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import imbsam
+from imbsam.train_step import make_step
 
 WORLD = 2
 STEPS = 3
@@ -44,23 +45,10 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1) -> list[torch.
                 dist.all_reduce(g)
                 g.div_(world)
         opt.register_phase_hook(average)
-    split = imbsam.HeadTailLoss(COUNTS)
+    step = make_step(kind, model, opt, imbsam.HeadTailLoss(COUNTS))
     for x, y in batches():
         # Each rank's loss is the mean over its half; the average over ranks is the whole-batch mean.
-        x, y = x[rank::world], y[rank::world]
-        if kind == "imbsam":
-            head, tail = split(model(x), y)
-            head.backward(retain_graph=True)
-            opt.first_step()
-            tail.backward()
-            opt.second_step()
-            split(model(x), y)[1].backward()
-            opt.third_step()
-        else:
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.first_step()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.second_step()
+        step(x[rank::world], y[rank::world])
     return [p.detach().clone() for p in model.parameters()]
 
 

@@ -38,11 +38,20 @@ def assign(params, grads):
 
 # Phase by phase, which parameters have a gradient: b is reached by the head loss only,
 # c is perturbed but gets no gradient at w + e, e has one only at w + e.
-HEAD, TAIL, AT_PERTURBED = "abd", "acd", "ade"
+IRREGULAR = ("abd", "acd", "ade")  # (head, tail, at w + e)
+REGULAR = (NAMES,) * 3
 
 
-def imbsam_step_by_hand(opt, params, seed, perturbed_seen=None):
-    head, tail, last = (grads_for(params, names, seed + k) for k, names in enumerate((HEAD, TAIL, AT_PERTURBED)))
+def twins(backend, cls, **kw):
+    """The parameters under ``cls`` and a copy under torch.optim.SGD that gets the combined gradients."""
+    params = make_params(device_of(backend))
+    expected = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+    opt = cls(list(params.values()), torch.optim.SGD, rho=0.5, backend=backend, **kw)
+    return params, expected, opt, torch.optim.SGD(list(expected.values()), **kw)
+
+
+def imbsam_step_by_hand(opt, params, seed, perturbed_seen=None, pattern=IRREGULAR):
+    head, tail, last = (grads_for(params, names, seed + k) for k, names in enumerate(pattern))
     assign(params, head)
     opt.first_step()
     assert all(p.grad is None for p in params.values())
@@ -80,7 +89,7 @@ def test_gradients_in_some_phases_only(backend, two_groups):
         sgd.step()
         for n in NAMES:
             assert torch.allclose(params[n], expected[n], rtol=0, atol=1e-6), (step, n)
-    assert seen == [set(TAIL)] * 3  # only the parameters with a tail gradient were perturbed
+    assert seen == [set(IRREGULAR[1])] * 3  # only the parameters with a tail gradient were perturbed
     assert torch.equal(params["c"], expected["c"])  # restored bitwise, never stepped
     assert "momentum_buffer" not in opt.state[params["c"]]
 
@@ -88,31 +97,17 @@ def test_gradients_in_some_phases_only(backend, two_groups):
 @pytest.mark.parametrize("backend", imbsam.available_backends())
 def test_regular_and_irregular_steps_alternate(backend):
     """A step where every parameter has a gradient in every phase, then an irregular one, then a regular one."""
-    device = device_of(backend)
-    params = make_params(device)
-    expected = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
-    opt = imbsam.ImbSAM(list(params.values()), torch.optim.SGD, rho=0.5, backend=backend, **SGD_KW)
-    sgd = torch.optim.SGD(list(expected.values()), **SGD_KW)
-    global HEAD, TAIL, AT_PERTURBED
-    saved = HEAD, TAIL, AT_PERTURBED
-    try:
-        for step, pattern in enumerate([(NAMES,) * 3, saved, (NAMES,) * 3]):
-            HEAD, TAIL, AT_PERTURBED = pattern
-            assign(expected, imbsam_step_by_hand(opt, params, seed=10 * step))
-            sgd.step()
-            for n in NAMES:
-                assert torch.allclose(params[n], expected[n], rtol=0, atol=1e-6), (step, n)
-    finally:
-        HEAD, TAIL, AT_PERTURBED = saved
+    params, expected, opt, sgd = twins(backend, imbsam.ImbSAM, **SGD_KW)
+    for step, pattern in enumerate([REGULAR, IRREGULAR, REGULAR]):
+        assign(expected, imbsam_step_by_hand(opt, params, seed=10 * step, pattern=pattern))
+        sgd.step()
+        for n in NAMES:
+            assert torch.allclose(params[n], expected[n], rtol=0, atol=1e-6), (step, n)
 
 
 @pytest.mark.parametrize("backend", imbsam.available_backends())
 def test_sam_gradient_gone_at_the_perturbed_point(backend):
-    device = device_of(backend)
-    params = make_params(device)
-    expected = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
-    opt = imbsam.SAM(list(params.values()), torch.optim.SGD, rho=0.5, backend=backend, **SGD_KW)
-    sgd = torch.optim.SGD(list(expected.values()), **SGD_KW)
+    params, expected, opt, sgd = twins(backend, imbsam.SAM, **SGD_KW)
     for step in range(2):
         assign(params, grads_for(params, "abcd", seed=step))
         opt.first_step()
@@ -151,11 +146,7 @@ def test_gradient_laid_out_unlike_its_parameter_is_copied(backend, kind):
 @pytest.mark.parametrize("backend", imbsam.available_backends())
 def test_parameter_storage_replaced_between_steps(backend):
     """model.double() between steps: the backups follow the new dtype, and the step is exact."""
-    device = device_of(backend)
-    params = make_params(device)
-    expected = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
-    opt = imbsam.ImbSAM(list(params.values()), torch.optim.SGD, rho=0.5, backend=backend, lr=0.1)
-    sgd = torch.optim.SGD(list(expected.values()), lr=0.1)
+    params, expected, opt, sgd = twins(backend, imbsam.ImbSAM, lr=0.1)
     for step in range(3):
         if step == 1:  # as Module.double() does: same Parameter objects, new storage
             for ps in (params, expected):
