@@ -1,0 +1,99 @@
+"""The prepared GPU scripts, run here with a stand-in Python that only records its calls:
+a typo in them would otherwise first show on a device machine, whose minutes are few."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+# Records each call; for `-m imbsam.train ... --out DIR` writes what a finished run leaves.
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+echo "$*" >> "$FAKE_CALLS"
+sleep "${FAKE_SECONDS:-0}"
+if [[ "$*" == *"-m imbsam.train"* ]]; then
+  out=""; prev=""
+  for a in "$@"; do [[ "$prev" == "--out" ]] && out="$a"; prev="$a"; done
+  mkdir -p "$out"
+  echo "epoch 200/200 lr 0.00e+00 loss 0.1 acc 99.0" > "$out/train.log"
+  echo "weights" > "$out/checkpoint.pt"
+  echo "{}" > "$out/metrics.json"
+fi
+"""
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    path = tmp_path / "python"
+    path.write_text(FAKE_PYTHON)
+    path.chmod(0o755)
+    calls = tmp_path / "calls.log"
+    return dict(os.environ, PYTHON=str(path), FAKE_CALLS=str(calls)), calls
+
+
+def run_script(name, env, *args):
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts", name), *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_gpu_check_runs_every_stage_in_order(tmp_path, fake_python):
+    env, calls = fake_python
+    out = tmp_path / "out"
+    result = run_script("gpu_check.sh", env, str(out))
+    assert result.returncode == 0, result.stderr
+    log = (out / "run.log").read_text()
+    stages = ["build", "backends", "tests", "optimizer_step resnet34", "bench_ops", "train_iter",
+              "optimizer_step vit_b_16", "python_overhead", "done"]
+    positions = [log.index(f"== {s}") for s in stages]
+    assert positions == sorted(positions), log
+    assert "skipped" not in log and (out / "env.txt").exists()
+    recorded = calls.read_text()
+    assert "IMBSAM_BUILD_CUDA" not in recorded  # env is set by `env`, not passed to python
+    for script in ("bench_optimizer_step.py", "bench_ops.py", "bench_train_iter.py", "bench_python_overhead.py"):
+        assert f"benchmarks/{script} --device cuda" in recorded, script
+    assert f"--out {out}/optimizer_step_resnet34.json" in recorded
+
+
+def test_gpu_check_cuts_stages_when_the_budget_is_spent(tmp_path, fake_python):
+    env, _ = fake_python
+    out = tmp_path / "out"
+    # Each call takes a second: the first stages fit in 22 s, the last ones are cut.
+    result = run_script("gpu_check.sh", dict(env, GPU_CHECK_BUDGET_S="22", FAKE_SECONDS="1"), str(out))
+    assert result.returncode == 0, result.stderr
+    log = (out / "run.log").read_text()
+    assert "== build: rc=0" in log and "== tests: rc=0" in log
+    assert "== python_overhead: skipped, the budget is spent" in log and "== done" in log
+
+
+def test_gpu_train_packs_each_run_without_its_checkpoint(tmp_path, fake_python):
+    env, calls = fake_python
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    (data / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    out = tmp_path / "out"
+    result = run_script("gpu_train.sh", dict(env, GPU_TRAIN_DATA=str(data)), str(out), "sgd", "imbsam")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ["env.txt", "imbsam.tar.gz", "run.log", "sgd.tar.gz"]
+    with tarfile.open(out / "sgd.tar.gz") as tar:
+        names = tar.getnames()
+    assert "sgd/train.log" in names and "sgd/metrics.json" in names
+    assert not any(n.endswith("checkpoint.pt") for n in names)
+    train_calls = [line for line in calls.read_text().splitlines() if "-m imbsam.train" in line]
+    assert len(train_calls) == 2
+    for opt, line in zip(("sgd", "imbsam"), train_calls):
+        for flag in (f"--opt {opt}", "--dataset fmnist-lt", "--model resnet34", "--epochs 200", "--cuda-graph",
+                     f"--data-root {data}", "--time-limit-s"):
+            assert flag in line, (flag, line)
+
+
+def test_gpu_train_says_where_the_data_must_be(tmp_path, fake_python):
+    env, _ = fake_python
+    result = run_script("gpu_train.sh", dict(env, GPU_TRAIN_DATA=str(tmp_path / "none")), str(tmp_path / "o"),
+                        "sgd")
+    assert result.returncode == 2
+    assert "no Fashion-MNIST files" in (tmp_path / "o" / "run.log").read_text()
