@@ -4,14 +4,14 @@
 # the paper's recipe (ResNet-34, one-channel stem, IF 100, 200 epochs, seed 9826) plus
 # the GPU speed options, and packs each run into OUTDIR/<opt>.tar.gz (metrics.json,
 # train.log, history.json, plots). A run gets what is left of the budget
-# (GPU_TRAIN_BUDGET_S, default 540 s, inside one call's 10 minutes) as --time-limit-s:
+# (GPU_TRAIN_BUDGET_S, default 570 s: give the call timeout_s 600) as --time-limit-s:
 # one that cannot finish stops cleanly and its log says how far it got. Its checkpoint
 # (~170 MB) cannot come back from the device machine (16 MiB per file), so a run must
 # finish within one call; the epoch times in the log tell how to split the work.
 #
 #   bash scripts/gpu_train.sh OUTDIR sgd sam
 #
-# Data: the Fashion-MNIST .gz files in data/fashion-mnist (ignored by git: name `data`
+# Data: the Fashion-MNIST .gz files in data/fashion-mnist (ignored by git: name it
 # in the device tool's `carry`; `cp /usr/share/datasets/fashion-mnist/*.gz
 # data/fashion-mnist/` first). Files in OUTDIR: env.txt, run.log, <opt>.tar.gz each.
 set -uo pipefail
@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 LOG="$OUT/run.log"
-BUDGET=${GPU_TRAIN_BUDGET_S:-540}
+BUDGET=${GPU_TRAIN_BUDGET_S:-570}
 DATA=${GPU_TRAIN_DATA:-data/fashion-mnist}
 # bf16 autocast, channels-last and the CUDA-graph step: the speed options, not the recipe.
 SPEED_ARGS=${GPU_TRAIN_SPEED_ARGS:---amp bf16 --channels-last --cuda-graph}
@@ -44,7 +44,7 @@ for opt in "$@"; do
   # shellcheck disable=SC2086  # the option strings are word lists
   stage "train $opt" "$left" "$PY" -m imbsam.train --dataset fmnist-lt --data-root "$DATA" --imb-factor 100 \
     --model resnet34 --opt "$opt" --epochs 200 --seed 9826 $SPEED_ARGS --no-progress --checkpoint-every 50 \
-    --time-limit-s $(( left > 30 ? left - 20 : 10 )) --out "$RUNS/$opt" $EXTRA_ARGS
+    --time-limit-s $(( left > 30 ? left - 15 : 10 )) --out "$RUNS/$opt" $EXTRA_ARGS
   if [[ -d "$RUNS/$opt" ]]; then
     tar czf "$OUT/$opt.tar.gz" -C "$RUNS" --exclude checkpoint.pt "$opt"
     echo "   $opt: $(grep -E '^epoch|stopped|wrote' "$RUNS/$opt/train.log" | tail -2 | tr '\n' ' ')" | tee -a "$LOG"
