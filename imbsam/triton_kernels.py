@@ -6,6 +6,11 @@ addresses into an int64 table, and every program handles one chunk of one tensor
 Math runs in fp32 (fp64 for fp64 storage), as in the reference; Triton passes Python
 float arguments (lr, momentum, rho, ...) as fp32, so fp64 parameters see fp32-rounded
 hyperparameters on this backend.
+
+Each program walks its chunk in full BLOCKs without a mask, then one masked BLOCK for
+the rest. When every address of a launch is 16-byte aligned (``ALIGNED``, checked on the
+host) the unmasked loop tells the compiler so, and it loads and stores 16 bytes per
+instruction: the addresses come from a table, so it cannot know it otherwise.
 """
 from __future__ import annotations
 
@@ -19,17 +24,28 @@ BLOCK = 1024
 
 
 @triton.jit
-def _ptr(addrs, t, DTYPE: tl.constexpr):
-    return tl.load(addrs + t).to(tl.pointer_type(DTYPE))
+def _ptr(addrs, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    p = tl.load(addrs + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
 
 
 @triton.jit
-def _chunk(sizes, chunk_tensor, chunk_start, CHUNK: tl.constexpr):
-    """This program's tensor and its element range [start, end)."""
+def _chunk(sizes, chunk_tensor, chunk_start, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tensor, the start of its chunk, and how many elements the unmasked
+    BLOCK loop covers (the rest, fewer than BLOCK, up to ``end``, is the masked tail)."""
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor + pid)
-    start = tl.load(chunk_start + pid)
-    return t, start, tl.minimum(start + CHUNK, tl.load(sizes + t))
+    start = tl.multiple_of(tl.load(chunk_start + pid), CHUNK)  # chunks start at multiples of CHUNK
+    end = tl.minimum(start + CHUNK, tl.load(sizes + t))
+    return t, start, end, (end - start) // BLOCK * BLOCK
+
+
+@triton.jit
+def _full_block(s, BLOCK: tl.constexpr):
+    """The offsets of an unmasked block starting at s (a multiple of BLOCK within the chunk)."""
+    return tl.max_contiguous(tl.multiple_of(s + tl.arange(0, BLOCK), BLOCK), BLOCK)
 
 
 @triton.jit
@@ -50,69 +66,116 @@ def _store_cast(x, DTYPE: tl.constexpr):
 @triton.jit
 def sum_squares_kernel(g_addrs, w_addrs, sizes, chunk_tensor, chunk_start, partials, eta,
                        ADAPTIVE: tl.constexpr, DTYPE: tl.constexpr, MATH: tl.constexpr,
-                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, end = _chunk(sizes, chunk_tensor, chunk_start, CHUNK)
-    g_ptr = _ptr(g_addrs, t, DTYPE)
+                       CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    t, start, end, n_full = _chunk(sizes, chunk_tensor, chunk_start, CHUNK, BLOCK)
+    g_ptr = _ptr(g_addrs, t, DTYPE, ALIGNED)
+    w_ptr = _ptr(w_addrs, t, DTYPE, ALIGNED)  # read only when ADAPTIVE
     acc = tl.zeros([BLOCK], dtype=MATH)
-    for s in range(start, end, BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        mask = offs < end
-        v = tl.load(g_ptr + offs, mask=mask, other=0).to(MATH)
+    for s in range(start, start + n_full, BLOCK):
+        offs = _full_block(s, BLOCK)
+        v = tl.load(g_ptr + offs).to(MATH)
         if ADAPTIVE:
-            w = tl.load(_ptr(w_addrs, t, DTYPE) + offs, mask=mask, other=0).to(MATH)
-            v = v * (tl.abs(w) + eta)
+            v = v * (tl.abs(tl.load(w_ptr + offs).to(MATH)) + eta)
         acc += v * v
+    # The tail: masked lanes read 0 (a load with `other` needs a mask, so it is not shared).
+    offs = start + n_full + tl.arange(0, BLOCK)
+    mask = offs < end
+    v = tl.load(g_ptr + offs, mask=mask, other=0).to(MATH)
+    if ADAPTIVE:
+        v = v * (tl.abs(tl.load(w_ptr + offs, mask=mask, other=0).to(MATH)) + eta)
+    acc += v * v
     tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _perturb_block(w_ptr, g_ptr, b_ptr, offs, mask, finite, scale, eta, ADAPTIVE: tl.constexpr,
+                   DTYPE: tl.constexpr, MATH: tl.constexpr):
+    w_raw = tl.load(w_ptr + offs, mask=mask)
+    tl.store(b_ptr + offs, w_raw, mask=mask)
+    w = w_raw.to(MATH)
+    e = scale * tl.load(g_ptr + offs, mask=mask).to(MATH)
+    if ADAPTIVE:
+        t_w = tl.abs(w) + eta
+        e = e * (t_w * t_w)
+    # A non-finite norm leaves w unchanged (0 * NaN would be NaN).
+    tl.store(w_ptr + offs, tl.where(finite, _store_cast(w + e, DTYPE), w_raw), mask=mask)
 
 
 @triton.jit
 def perturb_kernel(w_addrs, g_addrs, b_addrs, sizes, chunk_tensor, chunk_start, norm_ptr, rho, eta,
                    ADAPTIVE: tl.constexpr, DTYPE: tl.constexpr, MATH: tl.constexpr,
-                   CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, end = _chunk(sizes, chunk_tensor, chunk_start, CHUNK)
-    w_ptr = _ptr(w_addrs, t, DTYPE)
-    g_ptr = _ptr(g_addrs, t, DTYPE)
-    b_ptr = _ptr(b_addrs, t, DTYPE)
+                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    t, start, end, n_full = _chunk(sizes, chunk_tensor, chunk_start, CHUNK, BLOCK)
+    w_ptr = _ptr(w_addrs, t, DTYPE, ALIGNED)
+    g_ptr = _ptr(g_addrs, t, DTYPE, ALIGNED)
+    b_ptr = _ptr(b_addrs, t, DTYPE, ALIGNED)
     norm = tl.load(norm_ptr).to(tl.float64)
     finite = (norm - norm) == 0  # inf - inf and NaN - NaN are NaN
     scale = (rho / (norm + 1e-16)).to(MATH)
-    for s in range(start, end, BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        mask = offs < end
-        w_raw = tl.load(w_ptr + offs, mask=mask)
-        tl.store(b_ptr + offs, w_raw, mask=mask)
-        w = w_raw.to(MATH)
-        e = scale * tl.load(g_ptr + offs, mask=mask).to(MATH)
-        if ADAPTIVE:
-            t_w = tl.abs(w) + eta
-            e = e * (t_w * t_w)
-        # A non-finite norm leaves w unchanged (0 * NaN would be NaN).
-        tl.store(w_ptr + offs, tl.where(finite, _store_cast(w + e, DTYPE), w_raw), mask=mask)
+    for s in range(start, start + n_full, BLOCK):
+        _perturb_block(w_ptr, g_ptr, b_ptr, _full_block(s, BLOCK), None, finite, scale, eta, ADAPTIVE, DTYPE, MATH)
+    offs = start + n_full + tl.arange(0, BLOCK)
+    _perturb_block(w_ptr, g_ptr, b_ptr, offs, offs < end, finite, scale, eta, ADAPTIVE, DTYPE, MATH)
 
 
 @triton.jit
 def copy_kernel(dst_addrs, src_addrs, sizes, chunk_tensor, chunk_start, DTYPE: tl.constexpr,
-                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, end = _chunk(sizes, chunk_tensor, chunk_start, CHUNK)
-    dst = _ptr(dst_addrs, t, DTYPE)
-    src = _ptr(src_addrs, t, DTYPE)
-    for s in range(start, end, BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        mask = offs < end
-        tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+                CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    t, start, end, n_full = _chunk(sizes, chunk_tensor, chunk_start, CHUNK, BLOCK)
+    dst = _ptr(dst_addrs, t, DTYPE, ALIGNED)
+    src = _ptr(src_addrs, t, DTYPE, ALIGNED)
+    for s in range(start, start + n_full, BLOCK):
+        offs = _full_block(s, BLOCK)
+        tl.store(dst + offs, tl.load(src + offs))
+    offs = start + n_full + tl.arange(0, BLOCK)
+    mask = offs < end
+    tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def _add_block(g_ptr, h_ptr, offs, mask, DTYPE: tl.constexpr, MATH: tl.constexpr):
+    g = tl.load(g_ptr + offs, mask=mask).to(MATH) + tl.load(h_ptr + offs, mask=mask).to(MATH)
+    tl.store(g_ptr + offs, _store_cast(g, DTYPE), mask=mask)
 
 
 @triton.jit
 def add_kernel(g_addrs, h_addrs, sizes, chunk_tensor, chunk_start, DTYPE: tl.constexpr, MATH: tl.constexpr,
-               CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, end = _chunk(sizes, chunk_tensor, chunk_start, CHUNK)
-    g_ptr = _ptr(g_addrs, t, DTYPE)
-    h_ptr = _ptr(h_addrs, t, DTYPE)
-    for s in range(start, end, BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        mask = offs < end
-        g = tl.load(g_ptr + offs, mask=mask).to(MATH) + tl.load(h_ptr + offs, mask=mask).to(MATH)
-        tl.store(g_ptr + offs, _store_cast(g, DTYPE), mask=mask)
+               CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    t, start, end, n_full = _chunk(sizes, chunk_tensor, chunk_start, CHUNK, BLOCK)
+    g_ptr = _ptr(g_addrs, t, DTYPE, ALIGNED)
+    h_ptr = _ptr(h_addrs, t, DTYPE, ALIGNED)
+    for s in range(start, start + n_full, BLOCK):
+        _add_block(g_ptr, h_ptr, _full_block(s, BLOCK), None, DTYPE, MATH)
+    offs = start + n_full + tl.arange(0, BLOCK)
+    _add_block(g_ptr, h_ptr, offs, offs < end, DTYPE, MATH)
+
+
+@triton.jit
+def _sgd_block(w_ptr, g_ptr, b_ptr, h_ptr, buf_ptr, offs, mask, keep, step_lr, momentum, dampening, weight_decay,
+               HAS_HEAD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
+               MAXIMIZE: tl.constexpr, DTYPE: tl.constexpr, MATH: tl.constexpr):
+    w_raw = tl.load(b_ptr + offs, mask=mask)
+    w = w_raw.to(MATH)
+    d = tl.load(g_ptr + offs, mask=mask).to(MATH)
+    if HAS_HEAD:
+        d += tl.load(h_ptr + offs, mask=mask).to(MATH)
+    if MAXIMIZE:
+        d = -d
+    d = d + weight_decay * w
+    if HAS_MOMENTUM:
+        old_buf = tl.load(buf_ptr + offs, mask=mask)
+        if FIRST:
+            nb = d
+        else:
+            nb = momentum * old_buf.to(MATH) + (1 - dampening) * d
+        stored = _store_cast(nb, DTYPE)  # SGD steps with the buffer as stored
+        tl.store(buf_ptr + offs, tl.where(keep, stored, old_buf), mask=mask)
+        if NESTEROV:
+            d = d + momentum * stored.to(MATH)
+        else:
+            d = stored.to(MATH)
+    new_w = _store_cast(w - step_lr * d, DTYPE)
+    tl.store(w_ptr + offs, tl.where(keep, new_w, w_raw), mask=mask)
 
 
 @triton.jit
@@ -120,43 +183,26 @@ def sgd_kernel(w_addrs, g_addrs, b_addrs, h_addrs, buf_addrs, sizes, chunk_tenso
                lr, lr_ptr, found_inf_ptr, momentum, dampening, weight_decay,
                HAS_HEAD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
                MAXIMIZE: tl.constexpr, HAS_LR_PTR: tl.constexpr,
-               DTYPE: tl.constexpr, MATH: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+               DTYPE: tl.constexpr, MATH: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+               ALIGNED: tl.constexpr):
     """w <- backup; d = g (+ g_H); torch.optim.SGD's update of w and the momentum buffer.
 
     ``found_inf_ptr`` always points at a 0-d float32 (zero when the caller has none):
     nonzero restores w and leaves the buffers alone.
     """
-    t, start, end = _chunk(sizes, chunk_tensor, chunk_start, CHUNK)
-    w_ptr = _ptr(w_addrs, t, DTYPE)
-    g_ptr = _ptr(g_addrs, t, DTYPE)
-    b_ptr = _ptr(b_addrs, t, DTYPE)
+    t, start, end, n_full = _chunk(sizes, chunk_tensor, chunk_start, CHUNK, BLOCK)
+    w_ptr = _ptr(w_addrs, t, DTYPE, ALIGNED)
+    g_ptr = _ptr(g_addrs, t, DTYPE, ALIGNED)
+    b_ptr = _ptr(b_addrs, t, DTYPE, ALIGNED)
+    h_ptr = _ptr(h_addrs, t, DTYPE, ALIGNED)  # read only when HAS_HEAD
+    buf_ptr = _ptr(buf_addrs, t, DTYPE, ALIGNED)  # read only when HAS_MOMENTUM
     step_lr = lr
     if HAS_LR_PTR:
         step_lr = tl.load(lr_ptr).to(tl.float32)
     keep = tl.load(found_inf_ptr) == 0
-    for s in range(start, end, BLOCK):
-        offs = s + tl.arange(0, BLOCK)
-        mask = offs < end
-        w_raw = tl.load(b_ptr + offs, mask=mask)
-        w = w_raw.to(MATH)
-        d = tl.load(g_ptr + offs, mask=mask).to(MATH)
-        if HAS_HEAD:
-            d += tl.load(_ptr(h_addrs, t, DTYPE) + offs, mask=mask).to(MATH)
-        if MAXIMIZE:
-            d = -d
-        d = d + weight_decay * w
-        if HAS_MOMENTUM:
-            buf_ptr = _ptr(buf_addrs, t, DTYPE)
-            old_buf = tl.load(buf_ptr + offs, mask=mask)
-            if FIRST:
-                nb = d
-            else:
-                nb = momentum * old_buf.to(MATH) + (1 - dampening) * d
-            stored = _store_cast(nb, DTYPE)  # SGD steps with the buffer as stored
-            tl.store(buf_ptr + offs, tl.where(keep, stored, old_buf), mask=mask)
-            if NESTEROV:
-                d = d + momentum * stored.to(MATH)
-            else:
-                d = stored.to(MATH)
-        new_w = _store_cast(w - step_lr * d, DTYPE)
-        tl.store(w_ptr + offs, tl.where(keep, new_w, w_raw), mask=mask)
+    for s in range(start, start + n_full, BLOCK):
+        _sgd_block(w_ptr, g_ptr, b_ptr, h_ptr, buf_ptr, _full_block(s, BLOCK), None, keep, step_lr, momentum,
+                   dampening, weight_decay, HAS_HEAD, HAS_MOMENTUM, FIRST, NESTEROV, MAXIMIZE, DTYPE, MATH)
+    offs = start + n_full + tl.arange(0, BLOCK)
+    _sgd_block(w_ptr, g_ptr, b_ptr, h_ptr, buf_ptr, offs, offs < end, keep, step_lr, momentum, dampening,
+               weight_decay, HAS_HEAD, HAS_MOMENTUM, FIRST, NESTEROV, MAXIMIZE, DTYPE, MATH)

@@ -75,6 +75,8 @@ class _Tables:
         else:
             self.addrs, self.sizes, self.chunk_tensor, self.chunk_start = host
         self.n_chunks = len(chunk_tensor)
+        # Every address 16-byte aligned: the kernels may load and store 16 bytes at a time.
+        self.aligned = all(t.data_ptr() % 16 == 0 for lst in lists for t in lst)
 
 
 # Tables a CUDA graph captured: its replays read their device memory (and copy from their
@@ -110,7 +112,7 @@ def _groups(lists: Sequence[Sequence[Tensor]]):
 def _launch(kernel, tables: _Tables, *args, **meta):
     if tables.n_chunks:
         kernel[(tables.n_chunks,)](*args, tables.sizes, tables.chunk_tensor, tables.chunk_start, **meta,
-                                   CHUNK=K.CHUNK, BLOCK=K.BLOCK)
+                                   CHUNK=K.CHUNK, BLOCK=K.BLOCK, ALIGNED=tables.aligned)
 
 
 # ---- the ops ---------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""The Triton kernels compiled for a Hopper GPU (sm_90) on this machine, no GPU needed:
+the interpreter runs them on the CPU, but only a real compile catches what the GPU
+compiler rejects, and the PTX shows whether the aligned path moves 16 bytes per access.
+
+The compile runs in a child process: the conftest turns Triton's interpreter on for this
+one (no GPU here), and Triton built in that mode cannot compile for a GPU target.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from imbsam import triton_ops
+
+pytest.importorskip("triton")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+COMPILE_ALL = r'''
+import json, re, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from imbsam import triton_kernels as K
+
+# The type of every non-constexpr kernel argument: address tables, scalars.
+ARG_TYPES = dict(
+    w_addrs="*i64", g_addrs="*i64", b_addrs="*i64", h_addrs="*i64", buf_addrs="*i64", dst_addrs="*i64",
+    src_addrs="*i64", sizes="*i64", chunk_tensor="*i64", chunk_start="*i64", partials="*fp64", norm_ptr="*fp32",
+    lr_ptr="*fp32", found_inf_ptr="*fp32", eta="fp32", rho="fp32", lr="fp32", momentum="fp32", dampening="fp32",
+    weight_decay="fp32")
+results = {}
+for dtype_name in sys.argv[1:]:
+    dtype = getattr(tl, dtype_name)
+    common = dict(CHUNK=K.CHUNK, BLOCK=K.BLOCK, DTYPE=dtype)
+    math = dict(MATH=tl.float64 if dtype_name == "float64" else tl.float32)
+    # Each kernel with the options that take its longest path.
+    for name, fn, constexprs in [
+            ("sum_squares", K.sum_squares_kernel, dict(common, **math, ADAPTIVE=True)),
+            ("perturb", K.perturb_kernel, dict(common, **math, ADAPTIVE=True)),
+            ("copy", K.copy_kernel, common),
+            ("add", K.add_kernel, dict(common, **math)),
+            ("sgd", K.sgd_kernel, dict(common, **math, HAS_HEAD=True, HAS_MOMENTUM=True, FIRST=False,
+                                       NESTEROV=True, MAXIMIZE=False, HAS_LR_PTR=True))]:
+        for aligned in (False, True):
+            c = dict(constexprs, ALIGNED=aligned)
+            # The signature in the kernel's argument order: Triton reads it by position.
+            sig = {a: "constexpr" if a in c else ARG_TYPES[a] for a in fn.arg_names}
+            ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=c),
+                                 target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+            vector = re.search(r"(ld|st)\.global(\.[a-z0-9]+)*\.v[24]\.", ptx) is not None
+            results[f"{name}/{dtype_name}/{'aligned' if aligned else 'any'}"] = vector
+print(json.dumps(results))
+'''
+
+DTYPES = ["float32", "bfloat16", "float16", "float64"]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", COMPILE_ALL, *DTYPES], env=env, capture_output=True, text=True,
+                            timeout=600)
+    if result.returncode != 0 and ("GPUTarget" in result.stderr or "ASTSource" in result.stderr) \
+            and "ImportError" in result.stderr:
+        pytest.skip("this Triton cannot compile for a GPU target without a GPU")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_kernel_compiles_for_sm90_with_16_byte_accesses_only_when_aligned(compiled, dtype):
+    for name in ("sum_squares", "perturb", "copy", "add", "sgd"):
+        assert compiled[f"{name}/{dtype}/aligned"], (name, dtype)  # 16-byte loads and stores
+        assert not compiled[f"{name}/{dtype}/any"], (name, dtype)  # none where alignment is unknown
+
+
+def test_the_host_vouches_for_alignment_only_when_every_address_is_aligned():
+    base = torch.zeros(64)
+    assert triton_ops._Tables([[base[:32]], [base[32:]]]).aligned  # 128 bytes in
+    assert not triton_ops._Tables([[base[:32]], [base[1:33]]]).aligned  # 4 bytes in
