@@ -29,6 +29,25 @@ struct alignas(sizeof(T) * V) Vec {
   T val[V];
 };
 
+// 16-byte accesses through uint4, which the compiler keeps as one ld/st.global.v4: a
+// plain Vec copy may be split into element loads once the values are used one by one
+// (it was, for restore's source, in the PTX of nvcc 13.0).
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> load16(const T* p) {
+  static_assert(sizeof(Vec<T, V>) == sizeof(uint4), "16-byte vectors");
+  const uint4 bits = *reinterpret_cast<const uint4*>(p);
+  Vec<T, V> v;
+  memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store16(T* p, const Vec<T, V>& v) {
+  uint4 bits;
+  memcpy(&bits, &v, sizeof(bits));
+  *reinterpret_cast<uint4*>(p) = bits;
+}
+
 // fp32 math for bf16/fp16/fp32 storage, fp64 math for fp64 storage.
 template <typename T>
 struct MathType {
@@ -66,7 +85,7 @@ __device__ __forceinline__ void elementwise_chunk(T* const (&p)[D], int64_t n, c
     Vec<T, V> r[D];
 #pragma unroll
     for (int d = 0; d < D; ++d)
-      if (kInMask & (1 << d)) r[d] = *reinterpret_cast<const Vec<T, V>*>(p[d] + i);
+      if (kInMask & (1 << d)) r[d] = load16<T, V>(p[d] + i);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       M x[D];
@@ -79,7 +98,7 @@ __device__ __forceinline__ void elementwise_chunk(T* const (&p)[D], int64_t n, c
     }
 #pragma unroll
     for (int d = 0; d < D; ++d)
-      if (kOutMask & (1 << d)) *reinterpret_cast<Vec<T, V>*>(p[d] + i) = r[d];
+      if (kOutMask & (1 << d)) store16<T, V>(p[d] + i, r[d]);
   }
   for (int64_t i = vec_end + threadIdx.x; i < n; i += blockDim.x) {
     M x[D];
