@@ -54,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
                    help="stop after this many epochs (resume later): splits a long run into sessions")
     t.add_argument("--time-limit-s", type=float, default=None,
                    help="stop (with a checkpoint, to resume later) before an epoch that would end later than this "
-                        "many seconds after training began, judged by the slowest epoch so far")
+                        "many seconds after the run started (data loading included), judged by the slowest epoch "
+                        "so far")
     t.add_argument("--checkpoint-every", type=int, default=1,
                    help="write OUT/checkpoint.pt every N epochs (and always after the last one and when stopping "
                         "early); a ResNet-34 checkpoint is ~170 MB")
