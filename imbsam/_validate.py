@@ -35,11 +35,14 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
-def check_matches(op: str, ref: Sequence[Tensor], ref_name: str, other: Sequence[Tensor], other_name: str) -> None:
+def check_matches(op: str, ref: Sequence[Tensor], ref_name: str, other: Sequence[Tensor], other_name: str,
+                  offset: int = 0) -> None:
+    """``other`` pairs up with ``ref`` tensor for tensor; ``offset``: the index of their first
+    element in the caller's lists, for the message."""
     if len(ref) != len(other):
         raise ValueError(f"imbsam.{op}: {other_name} has {len(other)} tensors but {ref_name} has {len(ref)}; "
                          "they must pair up one to one")
-    for i, (r, o) in enumerate(zip(ref, other)):
+    for i, (r, o) in enumerate(zip(ref, other), start=offset):
         if o.layout != torch.strided:
             raise TypeError(f"imbsam.{op}: {other_name}[{i}] is a sparse tensor; only dense (strided) tensors "
                             "are supported")
@@ -55,6 +58,20 @@ def check_matches(op: str, ref: Sequence[Tensor], ref_name: str, other: Sequence
         if o.numel() and o.stride() != r.stride():
             raise ValueError(f"imbsam.{op}: {other_name}[{i}] has strides {o.stride()} but {ref_name}[{i}] has "
                              f"strides {r.stride()}; each must share its parameter's memory layout")
+
+
+def check_all_match(op: str, ref: Sequence[Tensor], ref_name: str, *others: tuple[Sequence[Tensor], str]) -> None:
+    """check_matches for several lists against one: the reference's metadata is read once,
+    and a pair that differs anywhere goes through check_matches for the precise error."""
+    ref_meta = [(t.device, t.dtype, t.shape, t.stride()) for t in ref]
+    strided = torch.strided
+    for other, name in others:
+        if len(other) != len(ref):
+            check_matches(op, ref, ref_name, other, name)  # raises: the lengths differ
+        for i, (o, meta) in enumerate(zip(other, ref_meta)):
+            if o.layout is not strided or (o.device, o.dtype, o.shape, o.stride()) != meta:
+                # Raises unless the difference is allowed (strides of an empty tensor).
+                check_matches(op, ref[i:i + 1], ref_name, other[i:i + 1], name, offset=i)
 
 
 def check_scalar_on(op: str, s: Tensor, name: str, ref: Sequence[Tensor]) -> None:

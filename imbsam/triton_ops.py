@@ -85,7 +85,8 @@ _GRAPH_TABLES: dict = {}
 
 
 def _tables(lists: list[list[Tensor]]) -> _Tables:
-    key = tuple((t.data_ptr(), t.numel()) for lst in lists for t in lst) + (len(lists),)
+    # Addresses of every list, sizes of the first: the ops checked that the others match it.
+    key = (len(lists), *(p for lst in lists for p in map(Tensor.data_ptr, lst)), *map(Tensor.numel, lists[0]))
     tables = _TABLE_CACHE.get(key) or _GRAPH_TABLES.get(key)
     if tables is None:
         if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
@@ -149,8 +150,7 @@ def _(grads, adaptive_grads, adaptive_params, eta_a):
 def _perturb(params: list[Tensor], grads: list[Tensor], backups: list[Tensor], norm: Tensor, rho: float,
              eta_a: float, adaptive: bool) -> None:
     _validate.check_list("perturb_", params, "params")
-    _validate.check_matches("perturb_", params, "params", grads, "grads")
-    _validate.check_matches("perturb_", params, "params", backups, "backups")
+    _validate.check_all_match("perturb_", params, "params", (grads, "grads"), (backups, "backups"))
     _validate.check_scalar_on("perturb_", norm, "norm", params)
     for storage, math, lists in _groups([params, grads, backups]):
         tab = _tables(lists)
@@ -201,13 +201,10 @@ def _restore_sgd_step(params: list[Tensor], grads: list[Tensor], backups: list[T
                       lr_tensor: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     op = "restore_sgd_step_"
     _validate.check_list(op, params, "params")
-    _validate.check_matches(op, params, "params", grads, "grads")
-    _validate.check_matches(op, params, "params", backups, "backups")
-    if head_grads:
-        _validate.check_matches(op, params, "params", head_grads, "head_grads")
-    if momentum != 0:
-        _validate.check_matches(op, params, "params", momentum_buffers, "momentum_buffers")
-    elif momentum_buffers:
+    _validate.check_all_match(op, params, "params", (grads, "grads"), (backups, "backups"),
+                              *([(head_grads, "head_grads")] if head_grads else []),
+                              *([(momentum_buffers, "momentum_buffers")] if momentum != 0 else []))
+    if momentum == 0 and momentum_buffers:
         raise ValueError(f"imbsam.{op}: momentum is 0 but momentum_buffers were given; pass an empty list")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(f"imbsam.{op}: nesterov needs momentum > 0 and dampening == 0")

@@ -97,3 +97,22 @@ def test_op_rejects_bad_lists(backend, device):
         torch.ops.imbsam.restore_([view], [view])
     with pytest.raises(ValueError, match="nesterov"):
         torch.ops.imbsam.restore_sgd_step_(ps, ps, ps, [], [], 0.1, 0.0, 0.0, 0.0, True, False, True)
+
+
+@pytest.mark.skipif("triton" not in imbsam.available_backends(), reason="needs the triton backend")
+def test_triton_ops_name_the_tensor_that_does_not_match():
+    from conftest import device_of
+    from imbsam import triton_ops
+
+    dev = device_of("triton")
+    ps = [torch.randn(5, device=dev), torch.randn(7, device=dev)]
+    with pytest.raises(TypeError, match=r"backups\[1\] is torch.float64 but params\[1\] is torch.float32"):
+        triton_ops.restore_sgd_step_(ps, ps, [ps[0], ps[1].double()], [], [], 0.1, 0.0, 0.0, 0.0, False, False, True)
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape \(8,\) but params\[1\] has shape \(7,\)"):
+        triton_ops.perturb_(ps, [ps[0], torch.randn(8, device=dev)], ps, torch.tensor(1.0, device=dev), 0.05, 0.01,
+                            False)
+    with pytest.raises(ValueError, match=r"momentum_buffers has 1 tensors but params has 2"):
+        triton_ops.restore_sgd_step_(ps, ps, ps, [], ps[:1], 0.1, 0.9, 0.0, 0.0, False, False, True)
+    empty, other_strides = torch.empty(0, 3, device=dev), torch.empty(3, 0, device=dev).t()
+    assert empty.stride() != other_strides.stride()
+    triton_ops.restore_sgd_step_([empty], [other_strides], [empty], [], [], 0.1, 0.0, 0.0, 0.0, False, False, True)
