@@ -30,6 +30,9 @@ def median_ms(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+_CYCLES_PER_MS = None  # measured once, at the first device_ms
+
+
 def _sleep_cycles_per_ms() -> float:
     """GPU clock cycles per millisecond of torch.cuda._sleep, measured once."""
     global _CYCLES_PER_MS
@@ -43,8 +46,6 @@ def _sleep_cycles_per_ms() -> float:
         _CYCLES_PER_MS = 10_000_000 / start.elapsed_time(end)
     return _CYCLES_PER_MS
 
-
-_CYCLES_PER_MS = None
 
 
 def device_ms(fn, reps: int, host_ms: float, warmup: int = 2) -> float:

@@ -2,7 +2,7 @@
 
 Steps SAM and ImbSAM on a list of one-element tensors as long as a model's parameter
 list (110 for ResNet-34), so what is timed is the per-parameter bookkeeping and the
-dispatch of the ops. On a GPU this is what an eager step costs the CPU (CUDA graphs
+dispatch of the ops; part "ops" times the step's op calls alone, without the optimizer. On a GPU this is what an eager step costs the CPU (CUDA graphs
 remove it); it bounds the step when it exceeds the kernels' time.
 
     python benchmarks/bench_python_overhead.py --out runs/bench/python_overhead.json
@@ -47,18 +47,35 @@ def main(argv=None):
                     p.grad = g
                 phase()
 
-        for _ in range(10):
-            step()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        us = (time.perf_counter() - t0) / args.steps * 1e6  # host time: the GPU runs behind, asynchronously
-        print(f"{method:7s} {n} tensors, backend {opt._engine.concrete_backend(device)}: "
-              f"{us:6.0f} us of host time per step")
-        records.append(dict(bench="python_overhead", model=args.model, n_tensors=n, dtype="float32", method=method,
-                            backend=args.backend, us=round(us, 1), ms=round(us / 1e3, 4), steps=args.steps,
-                            device=device.type, **info, **record_meta(argv)))
+        backend = opt._engine.concrete_backend(device)
+        ops = imbsam.backends.ops_for(backend)
+        backups, bufs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+        heads = grads if method == "imbsam" else []
+
+        def ops_only():
+            # The same step's op calls alone (norm, perturb, fused restore + SGD): what the
+            # engine's own Python adds is the difference to the whole step.
+            norm = ops.grad_norm(grads, [], [], 0.01)
+            ops.perturb_(params, grads, backups, norm, 0.05, 0.01, False)
+            ops.restore_sgd_step_(params, grads, backups, heads, bufs, 0.1, 0.9, 0.0, 1e-3, False, False, False,
+                                  None, norm - norm)
+
+        for part, fn in (("step", step), ("ops", ops_only)):
+            us = host_us(fn, args.steps)  # host time: the GPU runs behind, asynchronously
+            print(f"{method:7s} {part:4s} {n} tensors, backend {backend}: {us:6.0f} us of host time per step")
+            records.append(dict(bench="python_overhead", part=part, model=args.model, n_tensors=n, dtype="float32",
+                                method=method, backend=args.backend, us=round(us, 1), ms=round(us / 1e3, 4),
+                                steps=args.steps, device=device.type, **info, **record_meta(argv)))
     write_records(args.out, records)
+
+
+def host_us(fn, steps: int) -> float:
+    for _ in range(10):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps * 1e6
 
 
 if __name__ == "__main__":
