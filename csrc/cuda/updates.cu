@@ -159,8 +159,9 @@ void restore_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   const at::Tensor inf_f = found_inf ? found_inf->to(at::kFloat) : at::Tensor();
   const SgdArgs args{lr, momentum, dampening, weight_decay, nesterov, maximize, first_momentum_step,
                      lr_tensor ? lr_f.data_ptr<float>() : nullptr, found_inf ? inf_f.data_ptr<float>() : nullptr};
-  for (const auto& [dtype, idx] : group_by_dtype(params)) {
-    dispatch_float(dtype, [&](auto tag) {
+  for (const auto& group : group_by_dtype(params)) {
+    const std::vector<size_t>& idx = group.second;  // lambdas capture structured bindings only from C++20
+    dispatch_float(group.first, [&](auto tag) {
       using T = decltype(tag);
       if (has_head && has_momentum)
         multi_tensor_apply<5>(pick({params, grads, backups, head_grads, momentum_buffers}, idx),
