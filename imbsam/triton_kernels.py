@@ -12,8 +12,8 @@ the rest. When every address of a launch is 16-byte aligned (``ALIGNED``, checke
 host) the unmasked loop tells the compiler so, and it loads and stores 16 bytes per
 instruction: the addresses come from a table, so it cannot know it otherwise.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Triton 3.0 does not recognise a constexpr
+# parameter whose annotation is the string "tl.constexpr".
 import triton
 import triton.language as tl
 
@@ -25,7 +25,16 @@ BLOCK = 1024
 
 @triton.jit
 def _ptr(addrs, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    p = tl.load(addrs + t).to(tl.pointer_type(DTYPE))
+    # One branch per dtype, not tl.pointer_type(DTYPE): Triton 3.0 rejects a constexpr there.
+    a = tl.load(addrs + t)
+    if DTYPE == tl.float32:
+        p = a.to(tl.pointer_type(tl.float32))
+    elif DTYPE == tl.float64:
+        p = a.to(tl.pointer_type(tl.float64))
+    elif DTYPE == tl.bfloat16:
+        p = a.to(tl.pointer_type(tl.bfloat16))
+    else:
+        p = a.to(tl.pointer_type(tl.float16))
     if ALIGNED:
         p = tl.multiple_of(p, 16)
     return p

@@ -6,10 +6,9 @@ kernels read tensor addresses from tables built on the host, which a traced
 ``triton_op`` body cannot do, so ``torch.compile`` sees each op as one opaque call
 (with the fake kernels below). On a CPU the kernels run under ``TRITON_INTERPRET=1``.
 """
-from __future__ import annotations
-
+import functools
 import os
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -36,13 +35,32 @@ def usable_on(device_type: str) -> bool:
         return False
     if device_type == "cuda":
         return torch.cuda.is_available() and not interpreting()
-    return device_type == "cpu" and interpreting()
+    return device_type == "cpu" and interpreting() and _interpreter_error() is None
 
 
 def why_unusable() -> str:
     if IMPORT_ERROR is not None:
         return f"triton did not import: {IMPORT_ERROR}"
+    if interpreting() and not torch.cuda.is_available() and _interpreter_error() is not None:
+        return f"Triton's interpreter fails on the kernels: {_interpreter_error()}"
     return "triton needs a CUDA device (or TRITON_INTERPRET=1 to run on the CPU)"
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_error() -> Optional[str]:
+    """Why Triton's interpreter fails on one tiny copy, or None when it runs it right.
+
+    Some interpreters cannot run these kernels at all: Triton 3.6's, with numpy >= 2.4,
+    hands the chunk loop 1-element arrays as bounds, which numpy no longer turns into ints.
+    """
+    src, dst = torch.arange(3, dtype=torch.float32), torch.zeros(3)
+    try:
+        for _, _, lists in _groups([[dst], [src]]):
+            tab = _tables(lists)
+            _launch(K.copy_kernel, tab, tab.addrs[0], tab.addrs[1], DTYPE=tl.float32)
+    except Exception as exc:  # whatever the interpreter raises: the backend is unusable, and says why
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return None if torch.equal(dst, src) else "a test copy gave wrong values"
 
 
 # ---- address tables --------------------------------------------------------------
@@ -117,9 +135,11 @@ def _launch(kernel, tables: _Tables, *args, **meta):
 
 
 # ---- the ops ---------------------------------------------------------------------
+# typing.List, not list[...], and no `from __future__ import annotations` in this file: torch < 2.5
+# infers a custom op's schema from evaluated typing annotations only.
 
 @torch.library.custom_op("imbsam::triton_grad_norm", mutates_args=())
-def _grad_norm(grads: list[Tensor], adaptive_grads: list[Tensor], adaptive_params: list[Tensor],
+def _grad_norm(grads: List[Tensor], adaptive_grads: List[Tensor], adaptive_params: List[Tensor],
                eta_a: float) -> Tensor:
     _validate.check_matches("grad_norm", adaptive_params, "adaptive_params", adaptive_grads, "adaptive_grads")
     everything = list(grads) + list(adaptive_grads)
@@ -147,7 +167,7 @@ def _(grads, adaptive_grads, adaptive_params, eta_a):
 
 
 @torch.library.custom_op("imbsam::triton_perturb_", mutates_args=("params", "backups"))
-def _perturb(params: list[Tensor], grads: list[Tensor], backups: list[Tensor], norm: Tensor, rho: float,
+def _perturb(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], norm: Tensor, rho: float,
              eta_a: float, adaptive: bool) -> None:
     _validate.check_list("perturb_", params, "params")
     _validate.check_all_match("perturb_", params, "params", (grads, "grads"), (backups, "backups"))
@@ -164,7 +184,7 @@ def _(params, grads, backups, norm, rho, eta_a, adaptive):
 
 
 @torch.library.custom_op("imbsam::triton_restore_", mutates_args=("params",))
-def _restore(params: list[Tensor], backups: list[Tensor]) -> None:
+def _restore(params: List[Tensor], backups: List[Tensor]) -> None:
     _validate.check_list("restore_", params, "params")
     _validate.check_matches("restore_", params, "params", backups, "backups")
     for storage, _, lists in _groups([params, backups]):
@@ -178,7 +198,7 @@ def _(params, backups):
 
 
 @torch.library.custom_op("imbsam::triton_add_head_grads_", mutates_args=("grads",))
-def _add_head_grads(grads: list[Tensor], head_grads: list[Tensor]) -> None:
+def _add_head_grads(grads: List[Tensor], head_grads: List[Tensor]) -> None:
     _validate.check_list("add_head_grads_", grads, "grads")
     _validate.check_matches("add_head_grads_", grads, "grads", head_grads, "head_grads")
     for storage, math, lists in _groups([grads, head_grads]):
@@ -195,8 +215,8 @@ _ZEROS: dict = {}
 
 
 @torch.library.custom_op("imbsam::triton_restore_sgd_step_", mutates_args=("params", "momentum_buffers"))
-def _restore_sgd_step(params: list[Tensor], grads: list[Tensor], backups: list[Tensor], head_grads: list[Tensor],
-                      momentum_buffers: list[Tensor], lr: float, momentum: float, dampening: float,
+def _restore_sgd_step(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], head_grads: List[Tensor],
+                      momentum_buffers: List[Tensor], lr: float, momentum: float, dampening: float,
                       weight_decay: float, nesterov: bool, maximize: bool, first_momentum_step: bool,
                       lr_tensor: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     op = "restore_sgd_step_"

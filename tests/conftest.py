@@ -13,6 +13,10 @@ if not torch.cuda.is_available():
 
 import imbsam  # noqa: E402
 
+# torch.compile functionalizes an op that mutates a list of tensors only from torch 2.5
+# (auto_functionalize of Tensor(a!)[]); 2.4 rejects every imbsam op when tracing.
+COMPILES_MUTABLE_LISTS = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SIZES = [1, 7, 65537, 278011, 0]
 

@@ -116,3 +116,32 @@ def test_triton_ops_name_the_tensor_that_does_not_match():
     empty, other_strides = torch.empty(0, 3, device=dev), torch.empty(3, 0, device=dev).t()
     assert empty.stride() != other_strides.stride()
     triton_ops.restore_sgd_step_([empty], [other_strides], [empty], [], [], 0.1, 0.0, 0.0, 0.0, False, False, True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only where there is no GPU")
+def test_triton_interpreter_runs_the_kernels():
+    """With this project's pins the interpreter runs the kernels (a failing probe would
+    quietly drop every Triton test: this says so instead)."""
+    triton_ops = pytest.importorskip("imbsam.triton_ops")
+    if triton_ops.IMPORT_ERROR is not None:
+        pytest.skip(f"triton did not import: {triton_ops.IMPORT_ERROR}")
+    assert triton_ops._interpreter_error() is None, triton_ops.why_unusable()
+    assert "triton" in imbsam.available_backends()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only where there is no GPU")
+def test_a_broken_triton_interpreter_makes_the_backend_unusable_and_says_why(monkeypatch):
+    from imbsam import triton_ops
+    if triton_ops.IMPORT_ERROR is not None:
+        pytest.skip(f"triton did not import: {triton_ops.IMPORT_ERROR}")
+
+    def broken(*args, **kwargs):
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    monkeypatch.setattr(triton_ops, "_launch", broken)
+    triton_ops._interpreter_error.cache_clear()
+    try:
+        assert not triton_ops.usable_on("cpu")
+        assert "interpreter fails on the kernels: TypeError: only 0-dimensional" in triton_ops.why_unusable()
+    finally:
+        triton_ops._interpreter_error.cache_clear()

@@ -1,6 +1,7 @@
 """Every compiled op against the reference: dtypes, odd sizes, empty tensors, long lists."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 import imbsam
 from imbsam import reference
-from conftest import DTYPES, SIZES, assert_close_to_exact, fast_backend, max_err
+from conftest import COMPILES_MUTABLE_LISTS, DTYPES, SIZES, assert_close_to_exact, fast_backend, max_err
 
 pytestmark = fast_backend
 
@@ -186,7 +187,9 @@ def test_non_finite_gradients_leave_weights_unchanged(backend, device, ops, bad)
 
 
 def test_opcheck(backend, device, ops):
-    opcheck = torch.library.opcheck
+    # torch < 2.5 cannot trace ops that mutate tensor lists (see conftest): the other checks still run.
+    utils = None if COMPILES_MUTABLE_LISTS else ("test_schema", "test_autograd_registration", "test_faketensor")
+    opcheck = functools.partial(torch.library.opcheck, **({"test_utils": utils} if utils else {}))
     prefix = "triton_" if backend == "triton" else ""
     op = lambda name: getattr(torch.ops.imbsam, prefix + name).default  # noqa: E731
     p, g, b, h, m = (make([7, 300], torch.float32, device, s) for s in range(30, 35))

@@ -50,8 +50,13 @@ for dtype_name in sys.argv[1:]:
             c = dict(constexprs, ALIGNED=aligned)
             # The signature in the kernel's argument order: Triton reads it by position.
             sig = {a: "constexpr" if a in c else ARG_TYPES[a] for a in fn.arg_names}
-            ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=c),
-                                 target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+            try:
+                src = ASTSource(fn=fn, signature=sig, constexprs=c)
+            except TypeError:  # Triton < 3.3: constants and the other arguments' types by position
+                pos = {a: i for i, a in enumerate(fn.arg_names)}
+                src = ASTSource(fn=fn, signature={pos[a]: t for a, t in sig.items() if t != "constexpr"},
+                                constants={pos[a]: v for a, v in c.items()})
+            ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
             vector = re.search(r"(ld|st)\.global(\.[a-z0-9]+)*\.v[24]\.", ptx) is not None
             results[f"{name}/{dtype_name}/{'aligned' if aligned else 'any'}"] = vector
 print(json.dumps(results))
