@@ -5,21 +5,24 @@
 # The copy keeps this checkout's own imbsam._C, built against the pinned torch, intact.
 #
 #   bash scripts/compat_check.sh TORCH TORCHVISION [OUTDIR] [EXTRA_REQUIREMENT...]
-#   bash scripts/compat_check.sh 2.4.1 0.19.1 results/compat "numpy<2"
+#   COMPAT_PYTHON=python3.9 bash scripts/compat_check.sh 2.4.1 0.19.1 results/compat "numpy<2"
+# COMPAT_PYTHON: the interpreter the venv is made from (default python3).
 #
 # Downloads the torch wheel and its CUDA libraries (a few GB) from the package index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n '2,10p' "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,11p' "$0"; exit 2; }
 torch_version=$1 vision_version=$2 out=${3:-runs/compat}
 shift $(( $# >= 3 ? 3 : 2 ))
-venv=${COMPAT_VENVS:-/tmp/imbsam-compat}/torch-$torch_version
+base_python=${COMPAT_PYTHON:-python3}
+pyver=$("$base_python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+venv=${COMPAT_VENVS:-/tmp/imbsam-compat}/torch-$torch_version-py$pyver
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-log=$out/torch-$torch_version.log
+log=$out/torch-$torch_version-py$pyver.log
 
 if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
+  "$base_python" -m venv "$venv"
 fi
 py=$venv/bin/python
 "$py" -m pip install -q --upgrade pip
