@@ -26,7 +26,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py=$venv/bin/python
 "$py" -m pip install -q --upgrade pip
-"$py" -m pip install -q "torch==$torch_version" "torchvision==$vision_version" setuptools wheel ninja pytest \
+"$py" -m pip install -q "torch==$torch_version" "torchvision==$vision_version" "setuptools>=64" wheel ninja pytest \
   pytest-xdist tqdm matplotlib "$@"
 
 tree=$(mktemp -d)
