@@ -41,5 +41,11 @@ stage() {  # stage NAME LIMIT_S COMMAND...: runs, logs, never stops the script; 
 
 build_with_cuda() {  # the package against this machine's torch, CUDA kernels included
   stage build 150 env IMBSAM_BUILD_CUDA=1 MAX_JOBS="$(nproc)" "$PY" -m pip install --no-deps --no-build-isolation -e .
+  if (( STAGE_RC != 0 )); then
+    # pip's own failures (an old setuptools, say) come before any compiling: build in
+    # place instead and import from the checkout, rather than lose the session.
+    stage build-inplace 150 env IMBSAM_BUILD_CUDA=1 MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  fi
   stage backends 30 "$PY" -c "import imbsam; print('available backends:', imbsam.available_backends())"
 }

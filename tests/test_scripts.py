@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "$*" >> "$FAKE_CALLS"
 sleep "${FAKE_SECONDS:-0}"
+[[ -n "${FAKE_PIP_FAILS:-}" && "$*" == *"pip install"* ]] && exit 1
 if [[ "$*" == *"-m imbsam.train"* ]]; then
   out=""; prev=""
   for a in "$@"; do [[ "$prev" == "--out" ]] && out="$a"; prev="$a"; done
@@ -57,6 +58,17 @@ def test_gpu_check_runs_every_stage_in_order(tmp_path, fake_python):
     for script in ("bench_optimizer_step.py", "bench_ops.py", "bench_train_iter.py", "bench_python_overhead.py"):
         assert f"benchmarks/{script} --device cuda" in recorded, script
     assert f"--out {out}/optimizer_step_resnet34.json" in recorded
+
+
+def test_gpu_check_builds_in_place_when_pip_fails(tmp_path, fake_python):
+    env, calls = fake_python
+    out = tmp_path / "out"
+    result = run_script("gpu_check.sh", dict(env, FAKE_PIP_FAILS="1"), str(out))
+    assert result.returncode == 0, result.stderr
+    log = (out / "run.log").read_text()
+    assert "== build: rc=1" in log and "== build-inplace: rc=0" in log
+    assert log.index("== build-inplace") < log.index("== backends") < log.index("== tests")
+    assert "setup.py build_ext --inplace" in calls.read_text()
 
 
 def test_gpu_check_cuts_stages_when_the_budget_is_spent(tmp_path, fake_python):
