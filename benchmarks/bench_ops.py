@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imbsam  # noqa: E402
 from imbsam import backends, reference  # noqa: E402
-from param_lists import model_shapes  # noqa: E402
+from param_lists import MODELS, model_shapes  # noqa: E402
 from bench_common import (device_ms, host_ms, kernel_ms, machine_info, median_ms, record_meta,  # noqa: E402
                           write_records)
 
@@ -67,7 +67,7 @@ def check(ops_fast, shapes, dtype, device) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="resnet34", choices=["resnet34", "vit_b_16"])
+    ap.add_argument("--model", default="resnet34", choices=MODELS)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--reps", type=int, default=20)

@@ -19,12 +19,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imbsam  # noqa: E402
 from bench_common import machine_info, record_meta, write_records  # noqa: E402
-from param_lists import model_shapes  # noqa: E402
+from param_lists import MODELS, model_shapes  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="resnet34", choices=["resnet34", "vit_b_16"])
+    ap.add_argument("--model", default="resnet34", choices=MODELS)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="cpu", help="where the one-element tensors live (cuda: launch costs too)")
     ap.add_argument("--steps", type=int, default=300)

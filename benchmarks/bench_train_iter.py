@@ -1,6 +1,7 @@
 """A whole training iteration (forward, backward(s), optimizer): SGD, SAM and ImbSAM.
 
-ResNet-34 with a CIFAR stem on 32x32 batches (the paper's setting). Variants:
+ResNet-34 with a CIFAR stem on 32x32 batches (the paper's setting; --model resnet32 for
+the light standard). Variants:
   eager  fp32, as the paper's loop runs; SAM/ImbSAM on the reference and fused backends
   fast   bf16 autocast, channels-last and the whole step captured in a CUDA graph
          (fused backends only: the reference path reads the skip flag on the host)
@@ -18,14 +19,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imbsam  # noqa: E402
 from imbsam.data import long_tail_counts  # noqa: E402
-from imbsam.models import resnet34_cifar  # noqa: E402
+from imbsam.models import resnet32, resnet34_cifar  # noqa: E402
 from imbsam.train_step import GraphedStep, make_step  # noqa: E402
 from bench_common import machine_info, median_ms, record_meta, write_records  # noqa: E402
 
 
-def build(method, backend, variant, device, num_classes):
+MODELS = {"resnet34": ("ResNet-34 (CIFAR stem)", resnet34_cifar), "resnet32": ("ResNet-32", resnet32)}
+
+
+def build(model_name, method, backend, variant, device, num_classes):
     torch.manual_seed(0)
-    model = resnet34_cifar(num_classes).to(device)
+    model = MODELS[model_name][1](num_classes).to(device)
     graphed = variant == "fast"
     if graphed:
         model = model.to(memory_format=torch.channels_last)
@@ -46,6 +50,8 @@ def build(method, backend, variant, device, num_classes):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--model", default="resnet34", choices=list(MODELS),
+                    help="resnet34: the paper's model (the targets); resnet32: the light standard")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--num-classes", type=int, default=100)
     ap.add_argument("--variants", default="eager,fast")
@@ -60,7 +66,7 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     fused = [b for b in imbsam.available_backends() if b in {"cpu": ("cpp",), "cuda": ("cuda", "triton")}[device.type]]
     info = machine_info(device)
-    print(f"ResNet-34 (CIFAR stem), batch {args.batch}, on {info.get('gpu') or info.get('cpu')}")
+    print(f"{MODELS[args.model][0]}, batch {args.batch}, on {info.get('gpu') or info.get('cpu')}")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device)
     y = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(device)
@@ -73,10 +79,10 @@ def main(argv=None):
         for method in args.methods.split(","):
             names = ["torch"] if method == "sgd" else (fused if variant == "fast" else ["reference"] + fused)
             for backend in names:
-                step = build(method, backend, variant, device, args.num_classes)
+                step = build(args.model, method, backend, variant, device, args.num_classes)
                 ms = median_ms(lambda: step(xv, y), device, args.reps, warmup=5)
                 print(f"  {variant:5s} {method:7s} {backend:10s} {ms:8.2f} ms/iter")
-                records.append(dict(bench="train_iter", model="resnet34", batch=args.batch, variant=variant,
+                records.append(dict(bench="train_iter", model=args.model, batch=args.batch, variant=variant,
                                     dtype="bfloat16-autocast" if variant == "fast" else "float32", method=method,
                                     backend=backend, ms=round(ms, 3), reps=args.reps, device=device.type,
                                     cudnn_benchmark=torch.backends.cudnn.benchmark, **info,

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from imbsam.models import resnet34_cifar
+from imbsam.models import resnet32, resnet34_cifar
+
+MODELS = ("resnet34", "vit_b_16", "resnet32")
 
 
 def _shapes(build) -> list[torch.Size]:
@@ -17,4 +19,6 @@ def model_shapes(name: str) -> list[torch.Size]:
     if name == "vit_b_16":  # 86.6 M parameters in 152 tensors
         from torchvision.models import vit_b_16
         return _shapes(vit_b_16)
-    raise ValueError(f"unknown model {name!r}; known: resnet34, vit_b_16")
+    if name == "resnet32":  # the light CIFAR standard: 0.47 M parameters in 95 tensors (quick runs)
+        return _shapes(lambda: resnet32(num_classes=100))
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")

@@ -1,0 +1,52 @@
+"""Every benchmark script, run on the CPU with the fewest repetitions: they are what the
+GPU session runs, so an API one of them uses that a torch version lacks should show here
+first. Checks the records' shape (the fields the results format promises), not the numbers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED = {"bench", "gpu", "torch", "date", "model", "dtype", "method", "backend", "ms", "command"}
+
+
+def run_benchmark(tmp_path, script, *args):
+    out = tmp_path / "records.json"
+    # Without the interpreter: Triton on 21 M CPU parameters would take minutes, and the
+    # CPU benchmarks compare the reference, torch._foreach and the C++ kernels.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args, "--out", str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = json.loads(out.read_text())
+    assert records, "no records"
+    for record in records:
+        assert REQUIRED <= record.keys(), REQUIRED - record.keys()
+        assert record["ms"] > 0 and record["gpu"] is None and record["device"] == "cpu"
+    return records
+
+
+def test_optimizer_step(tmp_path):
+    records = run_benchmark(tmp_path, "bench_optimizer_step.py", "--model", "resnet32", "--reps", "1", "--dtypes", "float32,bfloat16")
+    assert {r["bench"] for r in records} == {"optimizer_step"}
+    assert {(r["method"], r["dtype"]) for r in records} >= {("sam", "float32"), ("imbsam", "bfloat16")}
+    assert {"reference", "foreach"} <= {r["backend"] for r in records}
+
+
+def test_ops(tmp_path):
+    records = run_benchmark(tmp_path, "bench_ops.py", "--model", "resnet32", "--reps", "1")
+    assert {r["bench"] for r in records} == {"op"}
+
+
+def test_python_overhead(tmp_path):
+    records = run_benchmark(tmp_path, "bench_python_overhead.py", "--model", "resnet32", "--steps", "2")
+    assert {(r["method"], r["part"]) for r in records} == {(m, p) for m in ("sam", "imbsam") for p in ("step", "ops")}
+
+
+def test_train_iter(tmp_path):
+    records = run_benchmark(tmp_path, "bench_train_iter.py", "--model", "resnet32", "--device", "cpu", "--batch", "2", "--reps", "1",
+                            "--variants", "eager")
+    assert {r["bench"] for r in records} == {"train_iter"}
+    assert {r["method"] for r in records} == {"sgd", "sam", "imbsam"}
