@@ -79,7 +79,8 @@ def _has_pre_volta(arch_list: str) -> bool:
 
 
 def extensions():
-    # No -std flag: torch picks the standard its headers need (C++17 up to 2.9, C++20 after).
+    # No -std flag: torch picks the standard its headers need (C++17 with torch 2.4 and 2.11,
+    # C++20 with 2.14, as the builds against those versions show).
     # -ffp-contract=off: no fused multiply-adds, so fp32 results match the reference bit for bit.
     # -Wno-psabi: GCC notes that 32-byte vector values change the ABI without AVX; they only
     # pass between inline lambdas of one translation unit, never across a library boundary.
