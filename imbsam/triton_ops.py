@@ -7,6 +7,8 @@ kernels read tensor addresses from tables built on the host, which a traced
 (with the fake kernels below). On a CPU the kernels run under ``TRITON_INTERPRET=1``.
 """
 import functools
+import itertools
+import operator
 import os
 from typing import List, Optional, Sequence
 
@@ -104,7 +106,8 @@ _GRAPH_TABLES: dict = {}
 
 def _tables(lists: list[list[Tensor]]) -> _Tables:
     # Addresses of every list, sizes of the first: the ops checked that the others match it.
-    key = (len(lists), *(p for lst in lists for p in map(Tensor.data_ptr, lst)), *map(Tensor.numel, lists[0]))
+    key = (len(lists), *itertools.chain.from_iterable([map(Tensor.data_ptr, lst) for lst in lists]),
+           *map(Tensor.numel, lists[0]))
     tables = _TABLE_CACHE.get(key) or _GRAPH_TABLES.get(key)
     if tables is None:
         if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
@@ -115,17 +118,23 @@ def _tables(lists: list[list[Tensor]]) -> _Tables:
     return tables
 
 
-def _groups(lists: Sequence[Sequence[Tensor]]):
+def _types(dtype: torch.dtype):
+    """(storage, math) Triton types of a torch dtype: fp64 computes in fp64, the rest in fp32."""
+    storage = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
+               torch.float16: tl.float16}[dtype]
+    return storage, tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _groups(lists: Sequence[Sequence[Tensor]]) -> list:
     """(triton dtype, math dtype, lists restricted to one dtype, without empty tensors) per dtype."""
-    by_dtype: dict[torch.dtype, list[int]] = {}
+    dtypes = set(map(operator.attrgetter("dtype"), lists[0]))
+    if len(dtypes) == 1 and all(map(Tensor.numel, lists[0])):
+        return [(*_types(dtypes.pop()), [list(lst) for lst in lists])]  # the usual case: the lists whole
+    by_dtype: dict = {}
     for i, t in enumerate(lists[0]):
         if t.numel():
             by_dtype.setdefault(t.dtype, []).append(i)
-    for dtype, idx in by_dtype.items():
-        storage = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
-                   torch.float16: tl.float16}[dtype]
-        math = tl.float64 if dtype == torch.float64 else tl.float32
-        yield storage, math, [[lst[i] for i in idx] for lst in lists]
+    return [(*_types(dtype), [[lst[i] for i in idx] for lst in lists]) for dtype, idx in by_dtype.items()]
 
 
 def _launch(kernel, tables: _Tables, *args, **meta):
@@ -145,12 +154,12 @@ def _grad_norm(grads: List[Tensor], adaptive_grads: List[Tensor], adaptive_param
     everything = list(grads) + list(adaptive_grads)
     _validate.check_list("grad_norm", everything, "grads + adaptive_grads")
     device = everything[0].device
-    plain = [_tables(lists) for _, _, lists in _groups([grads])]
-    scaled = [_tables(lists) for _, _, lists in _groups([adaptive_grads, adaptive_params])]
+    plain_groups, scaled_groups = _groups([grads]), _groups([adaptive_grads, adaptive_params])
+    plain = [_tables(lists) for _, _, lists in plain_groups]
+    scaled = [_tables(lists) for _, _, lists in scaled_groups]
     partials = torch.zeros(max(1, sum(t.n_chunks for t in plain + scaled)), dtype=torch.float64, device=device)
     offset = 0
-    for adaptive, groups, tables in ((False, _groups([grads]), plain),
-                                     (True, _groups([adaptive_grads, adaptive_params]), scaled)):
+    for adaptive, groups, tables in ((False, plain_groups, plain), (True, scaled_groups, scaled)):
         for (storage, math, _), tab in zip(groups, tables):
             w_addrs = tab.addrs[1] if adaptive else tab.addrs[0]
             _launch(K.sum_squares_kernel, tab, tab.addrs[0], w_addrs, partials=partials[offset:], eta=eta_a,
@@ -186,7 +195,7 @@ def _(params, grads, backups, norm, rho, eta_a, adaptive):
 @torch.library.custom_op("imbsam::triton_restore_", mutates_args=("params",))
 def _restore(params: List[Tensor], backups: List[Tensor]) -> None:
     _validate.check_list("restore_", params, "params")
-    _validate.check_matches("restore_", params, "params", backups, "backups")
+    _validate.check_all_match("restore_", params, "params", (backups, "backups"))
     for storage, _, lists in _groups([params, backups]):
         tab = _tables(lists)
         _launch(K.copy_kernel, tab, tab.addrs[0], tab.addrs[1], DTYPE=storage)
@@ -200,7 +209,7 @@ def _(params, backups):
 @torch.library.custom_op("imbsam::triton_add_head_grads_", mutates_args=("grads",))
 def _add_head_grads(grads: List[Tensor], head_grads: List[Tensor]) -> None:
     _validate.check_list("add_head_grads_", grads, "grads")
-    _validate.check_matches("add_head_grads_", grads, "grads", head_grads, "head_grads")
+    _validate.check_all_match("add_head_grads_", grads, "grads", (head_grads, "head_grads"))
     for storage, math, lists in _groups([grads, head_grads]):
         tab = _tables(lists)
         _launch(K.add_kernel, tab, tab.addrs[0], tab.addrs[1], DTYPE=storage, MATH=math)
