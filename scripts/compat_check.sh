@@ -36,7 +36,8 @@ git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t 
 cd "$tree"
 {
   echo "# imbsam test suite against torch $torch_version ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
-  changed=$(git -C "$OLDPWD" diff --name-only HEAD | tr '\n' ' ')
+  # Not the logs themselves (OUTDIR may be tracked, as results/compat is).
+  changed=$(git -C "$OLDPWD" diff --name-only HEAD -- . ":(exclude)$out" | tr '\n' ' ')
   echo "# commit $(git -C "$OLDPWD" rev-parse --short HEAD)${changed:+ + uncommitted changes to: $changed}"
   "$py" -c "import sys, platform, torch, triton; print('# python', platform.python_version(), '| torch', \
 torch.__version__, '| triton', triton.__version__, '|', platform.processor() or platform.machine())"

@@ -14,8 +14,8 @@ REQUIRED = {"bench", "gpu", "torch", "date", "model", "dtype", "method", "backen
 
 def run_benchmark(tmp_path, script, *args):
     out = tmp_path / "records.json"
-    # Without the interpreter: Triton on 21 M CPU parameters would take minutes, and the
-    # CPU benchmarks compare the reference, torch._foreach and the C++ kernels.
+    # Without Triton's interpreter, which would take most of the time: on the CPU the
+    # benchmarks compare the reference, torch._foreach and the C++ kernels.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args, "--out", str(out)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
