@@ -7,8 +7,10 @@ step all see the averaged gradients, so every rank takes the same step.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ WORLD = 2
 STEPS = 3
 COUNTS = [400, 200, 100, 10, 5]  # classes 3 and 4 are tail
 KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+TIMEOUT_S = 60
 
 
 def mlp() -> torch.nn.Module:
@@ -54,16 +57,19 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1) -> list[torch.
 
 def _rank_main(rank: int, port: int, kind: str, backend: str, out: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        params = train(kind, backend, rank, WORLD)
-        torch.save(params, f"{out}.{rank}")
-        dist.barrier()  # neither rank tears its connections down while the other still uses them
-    finally:
-        dist.destroy_process_group()
-    # Leave without running C++ static destructors: gloo's and the TCP store's threads can
-    # abort a process at interpreter exit ("terminate called without an active exception"),
-    # after the work is done and saved.
+    # A collective that waits longer than this fails the test instead of hanging it.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    params = train(kind, backend, rank, WORLD)
+    torch.save(params, f"{out}.{rank}")
+    # Neither rank may close its connections while the other still reads from them. A final
+    # gloo barrier and destroy_process_group hung here once (torch 2.4): the ranks meet
+    # through files instead, then leave without tearing anything down.
+    open(f"{out}.done.{rank}", "w").close()
+    deadline = time.monotonic() + TIMEOUT_S
+    while not all(os.path.exists(f"{out}.done.{r}") for r in range(WORLD)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # os._exit: no C++ static destructors either, whose gloo and TCP-store threads can abort
+    # a process at interpreter exit ("terminate called without an active exception").
     os._exit(0)
 
 
@@ -78,7 +84,13 @@ def free_port() -> int:
 @pytest.mark.parametrize("kind", ["sam", "imbsam"])
 def test_two_ranks_with_an_all_reduce_hook_match_one_process(tmp_path, kind, backend):
     out = str(tmp_path / "params")
-    mp.spawn(_rank_main, args=(free_port(), kind, backend, out), nprocs=WORLD, join=True)
+    context = mp.spawn(_rank_main, args=(free_port(), kind, backend, out), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 3 * TIMEOUT_S
+    while not context.join(timeout=1):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not finish within {3 * TIMEOUT_S} s")
     whole_batches = train(kind, backend)
     ranks = [torch.load(f"{out}.{r}") for r in range(WORLD)]
     for a, b in zip(*ranks):
