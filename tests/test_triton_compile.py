@@ -52,7 +52,7 @@ for dtype_name in sys.argv[1:]:
             sig = {a: "constexpr" if a in c else ARG_TYPES[a] for a in fn.arg_names}
             try:
                 src = ASTSource(fn=fn, signature=sig, constexprs=c)
-            except TypeError:  # Triton < 3.3: constants and the other arguments' types by position
+            except TypeError:  # older Triton (3.0 here): constants and the other arguments' types by position
                 pos = {a: i for i, a in enumerate(fn.arg_names)}
                 src = ASTSource(fn=fn, signature={pos[a]: t for a, t in sig.items() if t != "constexpr"},
                                 constants={pos[a]: v for a, v in c.items()})
