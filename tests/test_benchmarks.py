@@ -29,7 +29,8 @@ def run_benchmark(tmp_path, script, *args):
 
 
 def test_optimizer_step(tmp_path):
-    records = run_benchmark(tmp_path, "bench_optimizer_step.py", "--model", "resnet32", "--reps", "1", "--dtypes", "float32,bfloat16")
+    records = run_benchmark(tmp_path, "bench_optimizer_step.py", "--model", "resnet32", "--reps", "1",
+                            "--dtypes", "float32,bfloat16")
     assert {r["bench"] for r in records} == {"optimizer_step"}
     assert {(r["method"], r["dtype"]) for r in records} >= {("sam", "float32"), ("imbsam", "bfloat16")}
     assert {"reference", "foreach"} <= {r["backend"] for r in records}
@@ -46,7 +47,7 @@ def test_python_overhead(tmp_path):
 
 
 def test_train_iter(tmp_path):
-    records = run_benchmark(tmp_path, "bench_train_iter.py", "--model", "resnet32", "--device", "cpu", "--batch", "2", "--reps", "1",
-                            "--variants", "eager")
+    records = run_benchmark(tmp_path, "bench_train_iter.py", "--model", "resnet32", "--device", "cpu", "--batch", "2",
+                            "--reps", "1", "--variants", "eager")
     assert {r["bench"] for r in records} == {"train_iter"}
     assert {r["method"] for r in records} == {"sgd", "sam", "imbsam"}
