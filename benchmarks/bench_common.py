@@ -47,7 +47,6 @@ def _sleep_cycles_per_ms() -> float:
     return _CYCLES_PER_MS
 
 
-
 def device_ms(fn, reps: int, host_ms: float, warmup: int = 2) -> float:
     """Median GPU time of ``fn`` with the host ahead of the GPU, as inside a training loop.
 

@@ -2,8 +2,9 @@
 
 Steps SAM and ImbSAM on a list of one-element tensors as long as a model's parameter
 list (110 for ResNet-34), so what is timed is the per-parameter bookkeeping and the
-dispatch of the ops; part "ops" times the step's op calls alone, without the optimizer. On a GPU this is what an eager step costs the CPU (CUDA graphs
-remove it); it bounds the step when it exceeds the kernels' time.
+dispatch of the ops; part "ops" times the step's op calls alone, without the optimizer.
+On a GPU this is what an eager step costs the CPU (CUDA graphs remove it); it bounds the
+step when it exceeds the kernels' time.
 
     python benchmarks/bench_python_overhead.py --out runs/bench/python_overhead.json
 """

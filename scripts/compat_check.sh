@@ -40,7 +40,8 @@ cd "$tree"
   changed=$(git -C "$OLDPWD" diff --name-only HEAD -- . ":(exclude)$out" | tr '\n' ' ')
   echo "# commit $(git -C "$OLDPWD" rev-parse --short HEAD)${changed:+ + uncommitted changes to: $changed}"
   "$py" -c "import sys, platform, torch, triton; print('# python', platform.python_version(), '| torch', \
-torch.__version__, '| triton', triton.__version__, '|', platform.processor() or platform.machine())"
+torch.__version__, '| triton', triton.__version__, '|', platform.machine())"
+  echo "# cpu: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ //') ($(nproc) cores)"
 } > "$log"
 if ! IMBSAM_BUILD_CUDA=${IMBSAM_BUILD_CUDA:-0} "$py" -m pip install -q --no-deps --no-build-isolation -e . \
     > build.log 2>&1; then
