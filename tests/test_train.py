@@ -99,3 +99,27 @@ def test_checkpoint_every_skips_epochs_in_between(cifar_root, tmp_path, monkeypa
 def test_bad_run_control_options(cifar_root, tmp_path, bad):
     with pytest.raises(SystemExit, match=bad[0]):
         main(args(cifar_root, str(tmp_path / "run"), "--opt", "sgd", *bad))
+
+
+def test_missing_data_is_a_clean_exit_that_says_how_to_get_it(tmp_path):
+    # A CLI user gets the loader's message, not a traceback.
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    with pytest.raises(SystemExit, match="--dataset cifar10-lt: no cifar10 copy .*cifar-10-python.tar.gz"):
+        main(args(empty, str(tmp_path / "run"), "--opt", "sgd"))
+
+
+def test_unusable_backend_fails_before_loading_data(tmp_path, monkeypatch):
+    run_module = sys.modules["imbsam.train.run"]  # the package's `run` attribute is the function
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the data were loaded before the backend was checked")
+
+    monkeypatch.setattr(run_module, "load_dataset", must_not_load)
+    # cuda tensors on a CPU-only machine, or cpp kernels asked for on a GPU's tensors: never usable here.
+    backend = "cpp" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(SystemExit, match=f"--backend {backend}: backend '{backend}'"):
+        main(args("unused", str(tmp_path / "run"), "--opt", "imbsam", "--backend", backend,
+                  "--device", "cuda" if torch.cuda.is_available() else "cpu"))
+    with pytest.raises(SystemExit):  # argparse: not a backend at all
+        main(args("unused", str(tmp_path / "run"), "--backend", "fast"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from imbsam.backends import BACKENDS
 from imbsam.data.sources import DATASETS
 from imbsam.models import MODELS
 from imbsam.train_step import METHODS
@@ -31,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--eta", type=float, default=None,
                    help="ImbSAM's tail threshold: classes with fewer training images are tail (default n_max/25)")
     m.add_argument("--tail-weight", type=float, default=2.0, help="factor on the tail loss (the paper's loop: 2)")
-    m.add_argument("--backend", default="auto", help="imbsam backend: auto, reference, cpp, cuda, triton")
+    m.add_argument("--backend", default="auto", choices=BACKENDS, help="imbsam backend (auto: the fastest usable)")
     m.add_argument("--lr", type=float, default=0.01)
     m.add_argument("--momentum", type=float, default=0.9)
     m.add_argument("--weight-decay", type=float, default=1e-3)

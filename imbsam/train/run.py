@@ -10,6 +10,7 @@ import time
 import torch
 
 import imbsam
+from imbsam import backends
 from imbsam.data import shot_split
 from imbsam.data.device_loader import DeviceLoader
 from imbsam.data.sources import load_dataset
@@ -68,6 +69,12 @@ def run(args: argparse.Namespace) -> dict | None:
     device = resolve_device(args.device)
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit("--cuda-graph needs a CUDA device")
+    if args.opt != "sgd":  # before the data load: a wrong backend should cost no time
+        try:
+            backends.check_backend_name(args.backend)
+            backends.resolve(args.backend, device)
+        except ValueError as exc:
+            raise SystemExit(f"--backend {args.backend}: {exc}") from None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     os.makedirs(args.out, exist_ok=True)
@@ -76,8 +83,11 @@ def run(args: argparse.Namespace) -> dict | None:
         raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     log = Log(os.path.join(args.out, "train.log"))
 
-    data = load_dataset(args.dataset, args.data_root, args.imb_factor, download=not args.no_download,
-                        verify=not args.skip_checksum)
+    try:
+        data = load_dataset(args.dataset, args.data_root, args.imb_factor, download=not args.no_download,
+                            verify=not args.skip_checksum)
+    except (FileNotFoundError, ValueError) as exc:  # no copy, a damaged one, or too few images per class
+        raise SystemExit(f"--dataset {args.dataset}: {exc}") from None
     counts, groups = data.counts, shot_split(data.counts)
     eta = args.eta if args.eta is not None else max(counts) / 25
     args.eta = eta
