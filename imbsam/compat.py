@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from imbsam.optim._engine import SharpnessEngine
+from imbsam.optim._engine import IMBSAM_PHASES, SAM_PHASES, SharpnessEngine
 
 
 class _Adapter:
+    _PHASES = SAM_PHASES
+
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, rho: float = 0.05,
                  backend: str = "auto", adaptive: bool = False):
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -31,7 +33,7 @@ class _Adapter:
         self.optimizer = optimizer
         self.model = model
         self.rho = rho
-        self._engine = SharpnessEngine(optimizer, backend, rho, adaptive)
+        self._engine = SharpnessEngine(optimizer, backend, rho, adaptive, phase_names=self._PHASES)
 
     @property
     def param_groups(self):
@@ -71,6 +73,8 @@ class SAM(_Adapter):
 
 class ImbSAM(_Adapter):
     """The paper's ``ImbSAM(optimizer, model, rho)``: ``first_step()``, ``second_step()``, ``third_step()``."""
+
+    _PHASES = IMBSAM_PHASES
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, rho: float = 0.05,
                  backend: str = "auto"):

@@ -53,6 +53,9 @@ class HeadTailLoss(torch.nn.Module):
         return 1.0 - is_tail, is_tail
 
     def forward(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        if logits.dim() != 2 or logits.shape[1] != self.tail_classes.numel():
+            raise ValueError(f"logits must have shape (batch, {self.tail_classes.numel()}): one column per class of "
+                             f"class_counts; got {tuple(logits.shape)}")
         per_sample = F.cross_entropy(logits.float(), targets, reduction="none")
         head_w, tail_w = self.sample_weights(targets)
         batch = targets.numel()

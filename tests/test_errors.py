@@ -145,3 +145,64 @@ def test_a_broken_triton_interpreter_makes_the_backend_unusable_and_says_why(mon
         assert "interpreter fails on the kernels: TypeError: only 0-dimensional" in triton_ops.why_unusable()
     finally:
         triton_ops._interpreter_error.cache_clear()
+
+
+def _sam_and_imbsam_phases(model):
+    """(name, optimizer, [phase methods in order]) for each optimizer and the paper-style adapters."""
+    kw = dict(lr=0.1, momentum=0.9)
+    sam, imb = (cls(model.parameters(), torch.optim.SGD, **kw) for cls in (imbsam.SAM, imbsam.ImbSAM))
+    csam, cimb = (cls(torch.optim.SGD(model.parameters(), **kw), model)
+                  for cls in (imbsam.compat.SAM, imbsam.compat.ImbSAM))
+    return [(name, o, [o.first_step, o.second_step] + ([o.third_step] if hasattr(o, "third_step") else []))
+            for name, o in (("SAM", sam), ("ImbSAM", imb), ("compat.SAM", csam), ("compat.ImbSAM", cimb))]
+
+
+def _with_grads(model):
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+
+
+@pytest.mark.parametrize("which", ["SAM", "ImbSAM", "compat.SAM", "compat.ImbSAM"])
+def test_phases_out_of_order_raise_and_write_nothing(which):
+    model = small_cnn()
+    name, opt, phases = next(t for t in _sam_and_imbsam_phases(model) if t[0] == which)
+    weights = [p.detach().clone() for p in model.parameters()]
+    _with_grads(model)
+    # The last phase without a perturbation, and (ImbSAM) the perturbation without the head phase.
+    with pytest.raises(RuntimeError, match=rf"{phases[-1].__name__}\(\) without {phases[-2].__name__}\(\)"):
+        phases[-1]()
+    if len(phases) == 3:
+        with pytest.raises(RuntimeError, match=r"second_step\(\) without first_step\(\): the head gradients"):
+            phases[1]()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert not opt.state_dict()["state"]  # no momentum buffer was made
+    # Perturbed: perturbing again (or ImbSAM's head phase) would back up w + e as w.
+    for phase in phases[:-1]:
+        _with_grads(model)
+        phase()
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    assert any(not torch.equal(p, w) for p, w in zip(perturbed, weights))
+    for phase in phases[:-1]:
+        _with_grads(model)
+        with pytest.raises(RuntimeError, match="still perturbed.*would lose w"):
+            phase()
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), perturbed))
+    # The way out that the message names: the last phase with a found_inf flag restores w exactly.
+    phases[-1](found_inf=torch.ones(()))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    _with_grads(model)
+    phases[0]()  # and the next step may begin
+
+
+def test_imbsam_closure_must_return_head_and_tail():
+    model = small_cnn()
+    opt = imbsam.ImbSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(TypeError, match=r"must return \(head_loss, tail_loss\).*returned Tensor"):
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+
+
+def test_head_tail_loss_checks_the_number_of_classes():
+    split = imbsam.HeadTailLoss([50, 20, 1])
+    with pytest.raises(ValueError, match=r"shape \(batch, 3\).*got \(4, 5\)"):
+        split(torch.randn(4, 5), torch.tensor([0, 1, 2, 1]))

@@ -44,6 +44,10 @@ def check_base_optimizer(base_optimizer) -> None:
         raise TypeError(f"base_optimizer must be a subclass of torch.optim.Optimizer, got {base_optimizer!r}")
 
 
+SAM_PHASES = {"perturb": "first_step", "step": "second_step"}
+IMBSAM_PHASES = {"head": "first_step", "perturb": "second_step", "step": "third_step"}
+
+
 class _GroupPlan:
     """A param group's parameters that have gradients, and what every step reuses for them.
 
@@ -69,7 +73,7 @@ class SharpnessEngine:
     """
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, backend: str, rho: float, adaptive: bool = False,
-                 adaptive_eta: float = 0.01):
+                 adaptive_eta: float = 0.01, phase_names: Optional[dict[str, str]] = None):
         backends.check_backend_name(backend)
         check_rho(rho)
         self.base = base_optimizer
@@ -86,6 +90,11 @@ class SharpnessEngine:
         self._step_norm: Optional[Tensor] = None  # the norm the coming step decides its skip by, used once
         self._perturbed: dict[int, _GroupPlan] = {}  # the plans of the groups the last perturbation moved
         self.phase_hooks: OrderedDict[int, Callable] = OrderedDict()
+        # The user-facing name of each phase, for errors: SAM's two, or ImbSAM's three with "head".
+        self.phase_names = phase_names or SAM_PHASES
+        # The last phase that ran: "idle" -> ["head" ->] "perturbed" -> "idle". Checked before
+        # anything is written: a second perturbation would back up w + e as the weights.
+        self.phase = "idle"
 
     def register_phase_hook(self, hook: Callable[[str, list, list], None]) -> RemovableHandle:
         """``hook(phase, params, grads)`` runs before a phase reads the gradients.
@@ -214,6 +223,7 @@ class SharpnessEngine:
     @torch.no_grad()
     def stash_head_grads(self) -> None:
         """ImbSAM's first phase: hand the head gradients over (no copy) and clear ``.grad``."""
+        self._check_phase("head")
         self._run_phase_hooks("head")
         gathered, device = self._gather()
         if device is not None:
@@ -226,15 +236,18 @@ class SharpnessEngine:
             self.head_grads[index] = (list(map(id, params)), [g.clone() if g._is_view() else g for g in grads])
             for p in params:
                 p.grad = None
+        self.phase = "head"
 
     @torch.no_grad()
     def perturb(self) -> None:
         """w <- w + e from the current gradients (global norm), keeping a backup of w."""
+        self._check_phase("perturb")
         self._run_phase_hooks("perturb")
         gathered, device = self._gather()
         self._perturbed = {}
         if device is None:
             self.norm = self._step_norm = None
+            self.phase = "perturbed"
             return
         _, ops = self._ops(gathered, device)
         eta = self.defaults["adaptive_eta"]
@@ -271,6 +284,23 @@ class SharpnessEngine:
                         bs = [plan.backups[j] for j in pick]
                         self._guarded(lambda: ops.perturb_(ps, gs, bs, norm, rho, eta, is_scaled), [(ps, gs, True)])
             self._perturbed[index] = plan
+        self.phase = "perturbed"
+
+    def _check_phase(self, phase: str) -> None:
+        """Raises if ``phase`` cannot follow the last one; nothing has been written yet."""
+        names, last = self.phase_names, self.phase
+        finish = (f"call {names['step']}() first (with found_inf=torch.ones(()) it restores w without "
+                  "stepping)")
+        if phase in ("head", "perturb") and last == "perturbed":
+            by = "again" if phase == "perturb" else f"after {names['perturb']}()"
+            raise RuntimeError(f"imbsam: {names[phase]}() {by} while the weights are still perturbed (at w + e): "
+                               f"perturbing again would lose w; {finish}")
+        if phase == "perturb" and "head" in names and last != "head":
+            raise RuntimeError(f"imbsam: {names['perturb']}() without {names['head']}(): the head gradients were "
+                               f"not set aside; call {names['head']}() after the head loss's backward")
+        if phase == "step" and last != "perturbed":
+            raise RuntimeError(f"imbsam: {names['step']}() without {names['perturb']}(): there is no "
+                               "perturbation to undo; for a step without one call the base optimizer's step()")
 
     @torch.no_grad()
     def restore_and_step(self, with_head: bool, found_inf: Optional[Tensor] = None) -> None:
@@ -282,6 +312,11 @@ class SharpnessEngine:
         """
         if found_inf is not None and found_inf.numel() != 1:
             raise ValueError(f"found_inf must hold one value (a 0-d flag), got shape {tuple(found_inf.shape)}")
+        self._check_phase("step")
+        self._restore_and_step(with_head, found_inf)
+        self.phase = "idle"  # only when done: a rejected input leaves the weights perturbed, to retry
+
+    def _restore_and_step(self, with_head: bool, found_inf: Optional[Tensor]) -> None:
         self._run_phase_hooks("step")
         perturbed, self._perturbed = self._perturbed, {}
         norm, self._step_norm = self._step_norm, None

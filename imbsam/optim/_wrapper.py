@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from imbsam.optim._engine import SharpnessEngine, check_base_optimizer, check_rho
+from imbsam.optim._engine import SAM_PHASES, SharpnessEngine, check_base_optimizer, check_rho
 
 
 class SharpnessOptimizer(torch.optim.Optimizer):
@@ -15,6 +15,8 @@ class SharpnessOptimizer(torch.optim.Optimizer):
     and not part of the state dict: save and load between steps.
     """
 
+    _PHASES = SAM_PHASES  # the names of this optimizer's phases, for its errors
+
     def __init__(self, params, base_optimizer, rho: float, adaptive: bool, adaptive_eta: float, backend: str,
                  **kwargs):
         check_rho(rho)
@@ -25,7 +27,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self._share_base()
         self.defaults.update(self.base_optimizer.defaults)
-        self._engine = SharpnessEngine(self.base_optimizer, backend, rho, adaptive, adaptive_eta)
+        self._engine = SharpnessEngine(self.base_optimizer, backend, rho, adaptive, adaptive_eta, self._PHASES)
 
     def _share_base(self) -> None:
         self.param_groups = self.base_optimizer.param_groups

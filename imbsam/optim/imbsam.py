@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from imbsam.optim._engine import IMBSAM_PHASES
 from imbsam.optim._wrapper import SharpnessOptimizer
 
 
@@ -27,6 +28,8 @@ class ImbSAM(SharpnessOptimizer):
     The head gradients are handed over, not copied: ImbSAM holds two extra buffers per
     parameter (``g_H`` and the weight backup) beyond the base optimizer's state.
     """
+
+    _PHASES = IMBSAM_PHASES
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, backend: str = "auto", **kwargs):
         super().__init__(params, base_optimizer, rho, False, 0.01, backend, **kwargs)
@@ -63,13 +66,20 @@ class ImbSAM(SharpnessOptimizer):
             raise ValueError("ImbSAM.step needs a closure that runs the forward pass and returns (head_loss, "
                              "tail_loss) without calling backward; or call first_step/second_step/third_step")
         with torch.enable_grad():
-            head_loss, tail_loss = closure()
+            head_loss, tail_loss = _head_and_tail(closure())
             head_loss.backward(retain_graph=True)
         self.first_step()
         with torch.enable_grad():
             tail_loss.backward()
         self.second_step()
         with torch.enable_grad():
-            closure()[1].backward()
+            _head_and_tail(closure())[1].backward()
         self.third_step(zero_grad=False)
         return (head_loss + tail_loss).detach()
+
+
+def _head_and_tail(losses):
+    if not (isinstance(losses, (tuple, list)) and len(losses) == 2):
+        raise TypeError("ImbSAM.step's closure must return (head_loss, tail_loss), e.g. imbsam.HeadTailLoss's "
+                        f"output, without calling backward; it returned {type(losses).__name__}")
+    return losses
