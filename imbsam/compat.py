@@ -43,6 +43,10 @@ class _Adapter:
         """See ``imbsam.SAM.register_phase_hook``."""
         return self._engine.register_phase_hook(hook)
 
+    def abandon_step(self) -> None:
+        """See ``imbsam.SAM.abandon_step``."""
+        self._engine.abandon()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 

@@ -187,9 +187,11 @@ def test_phases_out_of_order_raise_and_write_nothing(which):
         with pytest.raises(RuntimeError, match="still perturbed.*would lose w"):
             phase()
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), perturbed))
-    # The way out that the message names: the last phase with a found_inf flag restores w exactly.
-    phases[-1](found_inf=torch.ones(()))
+    # The way out that the message names: abandon_step() restores w exactly, touching no state.
+    opt.abandon_step()
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert not opt.state_dict()["state"]
+    opt.abandon_step()  # between steps: nothing to undo
     _with_grads(model)
     phases[0]()  # and the next step may begin
 
@@ -206,3 +208,31 @@ def test_head_tail_loss_checks_the_number_of_classes():
     split = imbsam.HeadTailLoss([50, 20, 1])
     with pytest.raises(ValueError, match=r"shape \(batch, 3\).*got \(4, 5\)"):
         split(torch.randn(4, 5), torch.tensor([0, 1, 2, 1]))
+
+
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_a_closure_that_raises_at_the_perturbed_point_leaves_w(kind):
+    model = small_cnn()
+    cls = imbsam.SAM if kind == "sam" else imbsam.ImbSAM
+    opt = cls(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    split = imbsam.HeadTailLoss([50, 40, 30, 20, 10, 5, 4, 3, 2, 1])
+    x, y = torch.randn(8, 3, 8, 8), torch.arange(8)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:  # the forward at w + e
+            raise MemoryError("out of memory at w + e")
+        if kind == "imbsam":
+            return split(model(x), y)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(MemoryError):
+        opt.step(closure)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert not opt.state_dict()["state"]
+    opt.step(closure)  # the closure fails only on its second call: this step runs
+    assert any(not torch.equal(p, w) for p, w in zip(model.parameters(), weights))

@@ -55,10 +55,10 @@ class _GroupPlan:
     per-parameter Python work is reading ``.grad``, not dictionary lookups.
     """
 
-    __slots__ = ("ids", "ptrs", "backups", "plain", "scaled")
+    __slots__ = ("params", "ids", "ptrs", "backups", "plain", "scaled")
 
     def __init__(self, params: list[Tensor], ids: list[int], ptrs: list[int], backups: list[Tensor]):
-        self.ids, self.ptrs, self.backups = ids, ptrs, backups
+        self.params, self.ids, self.ptrs, self.backups = params, ids, ptrs, backups
         # ASAM's split: tensors of two or more dimensions are scaled, the others not.
         self.scaled = [j for j, p in enumerate(params) if p.dim() > 1]
         self.plain = [j for j, p in enumerate(params) if p.dim() <= 1]
@@ -289,8 +289,7 @@ class SharpnessEngine:
     def _check_phase(self, phase: str) -> None:
         """Raises if ``phase`` cannot follow the last one; nothing has been written yet."""
         names, last = self.phase_names, self.phase
-        finish = (f"call {names['step']}() first (with found_inf=torch.ones(()) it restores w without "
-                  "stepping)")
+        finish = f"call {names['step']}() to finish the step, or abandon_step() to restore w without one"
         if phase in ("head", "perturb") and last == "perturbed":
             by = "again" if phase == "perturb" else f"after {names['perturb']}()"
             raise RuntimeError(f"imbsam: {names[phase]}() {by} while the weights are still perturbed (at w + e): "
@@ -301,6 +300,19 @@ class SharpnessEngine:
         if phase == "step" and last != "perturbed":
             raise RuntimeError(f"imbsam: {names['step']}() without {names['perturb']}(): there is no "
                                "perturbation to undo; for a step without one call the base optimizer's step()")
+
+    @torch.no_grad()
+    def abandon(self) -> None:
+        """Undoes a step begun but not finished: w restored exactly (if perturbed), g_H dropped.
+
+        No phase hook runs (a collective on one rank's error path would wait forever).
+        """
+        if self.phase == "perturbed":
+            for plan in self._perturbed.values():
+                for p, b in zip(plan.params, plan.backups):
+                    p.copy_(b)
+        self._perturbed, self.head_grads, self._step_norm = {}, {}, None
+        self.phase = "idle"
 
     @torch.no_grad()
     def restore_and_step(self, with_head: bool, found_inf: Optional[Tensor] = None) -> None:

@@ -49,6 +49,12 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         Returns a handle whose ``remove()`` unregisters it."""
         return self._engine.register_phase_hook(hook)
 
+    def abandon_step(self) -> None:
+        """Gives up a step begun with the phases (after an error in the forward at w + e, say):
+        the weights go back to w exactly, set-aside head gradients are dropped, and the base
+        optimizer's state is untouched. A no-op between steps."""
+        self._engine.abandon()
+
     def _after_base_step(self) -> None:
         # LR schedulers check that optimizer.step() ran before them; the phases are our step.
         self._opt_called = True

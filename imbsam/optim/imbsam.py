@@ -69,11 +69,15 @@ class ImbSAM(SharpnessOptimizer):
             head_loss, tail_loss = _head_and_tail(closure())
             head_loss.backward(retain_graph=True)
         self.first_step()
-        with torch.enable_grad():
-            tail_loss.backward()
-        self.second_step()
-        with torch.enable_grad():
-            _head_and_tail(closure())[1].backward()
+        try:
+            with torch.enable_grad():
+                tail_loss.backward()
+            self.second_step()
+            with torch.enable_grad():
+                _head_and_tail(closure())[1].backward()
+        except BaseException:  # the weights may be at w + e: leave them at w
+            self.abandon_step()
+            raise
         self.third_step(zero_grad=False)
         return (head_loss + tail_loss).detach()
 

@@ -75,6 +75,10 @@ class SAM(SharpnessOptimizer):
         closure = torch.enable_grad()(closure)
         loss = closure()
         self.first_step(zero_grad=True)
-        closure()
+        try:
+            closure()
+        except BaseException:  # the weights are at w + e: leave them at w
+            self.abandon_step()
+            raise
         self.second_step(zero_grad=False)
         return loss
