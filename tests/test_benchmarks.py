@@ -9,6 +9,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import plot_results  # noqa: E402
+
 REQUIRED = {"bench", "gpu", "torch", "date", "model", "dtype", "method", "backend", "ms", "command"}
 
 
@@ -28,22 +31,33 @@ def run_benchmark(tmp_path, script, *args):
     return records
 
 
+def assert_plotted(tmp_path) -> None:
+    """plot_results draws the records just written (python_overhead records are not plotted)."""
+    png = plot_results.plot_file(str(tmp_path / "records.json"), str(tmp_path))
+    assert png == str(tmp_path / "records.png")
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_optimizer_step(tmp_path):
     records = run_benchmark(tmp_path, "bench_optimizer_step.py", "--model", "resnet32", "--reps", "1",
                             "--dtypes", "float32,bfloat16")
     assert {r["bench"] for r in records} == {"optimizer_step"}
     assert {(r["method"], r["dtype"]) for r in records} >= {("sam", "float32"), ("imbsam", "bfloat16")}
     assert {"reference", "foreach"} <= {r["backend"] for r in records}
+    assert_plotted(tmp_path)
 
 
 def test_ops(tmp_path):
     records = run_benchmark(tmp_path, "bench_ops.py", "--model", "resnet32", "--reps", "1")
     assert {r["bench"] for r in records} == {"op"}
+    assert_plotted(tmp_path)
 
 
 def test_python_overhead(tmp_path):
     records = run_benchmark(tmp_path, "bench_python_overhead.py", "--model", "resnet32", "--steps", "2")
     assert {(r["method"], r["part"]) for r in records} == {(m, p) for m in ("sam", "imbsam") for p in ("step", "ops")}
+    assert plot_results.plot_file(str(tmp_path / "records.json"), str(tmp_path)) is None
 
 
 def test_train_iter(tmp_path):
@@ -51,3 +65,4 @@ def test_train_iter(tmp_path):
                             "--reps", "1", "--variants", "eager")
     assert {r["bench"] for r in records} == {"train_iter"}
     assert {r["method"] for r in records} == {"sgd", "sam", "imbsam"}
+    assert_plotted(tmp_path)
