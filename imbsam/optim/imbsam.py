@@ -27,6 +27,15 @@ class ImbSAM(SharpnessOptimizer):
 
     The head gradients are handed over, not copied: ImbSAM holds two extra buffers per
     parameter (``g_H`` and the weight backup) beyond the base optimizer's state.
+
+    Args:
+        params: parameters or parameter groups (a group may set its own ``rho``).
+        base_optimizer: an optimizer class, e.g. ``torch.optim.SGD``; ``**kwargs`` go to it.
+        rho: the neighbourhood radius of the tail loss's perturbation, a finite float >= 0.
+        backend: ``"auto"``, ``"reference"``, ``"cpp"``, ``"cuda"`` or ``"triton"``.
+
+    The phases must run in order (a RuntimeError says which is due); ``abandon_step()``
+    gives up a step begun, restoring w.
     """
 
     _PHASES = IMBSAM_PHASES

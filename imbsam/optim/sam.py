@@ -34,10 +34,13 @@ class SAM(SharpnessOptimizer):
         rho: the neighbourhood radius, a finite float >= 0.
         adaptive: ASAM's scale-invariant neighbourhood.
         adaptive_eta: ASAM's ``eta`` in ``T = |w| + eta``.
-        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"cuda"`` (see ``imbsam.available_backends()``).
+        backend: ``"auto"``, ``"reference"``, ``"cpp"``, ``"cuda"`` or ``"triton"`` (see
+            ``imbsam.available_backends()``).
 
     A non-finite first gradient skips the whole step: weights and momentum are left as
     they were (on the fused SGD path this is decided on the device, with no host sync).
+    The phases must run in order (a RuntimeError says which is due); ``abandon_step()``
+    gives up a step begun, restoring w.
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, backend: str = "auto",
