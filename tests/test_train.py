@@ -123,3 +123,21 @@ def test_unusable_backend_fails_before_loading_data(tmp_path, monkeypatch):
                   "--device", "cuda" if torch.cuda.is_available() else "cpu"))
     with pytest.raises(SystemExit):  # argparse: not a backend at all
         main(args("unused", str(tmp_path / "run"), "--backend", "fast"))
+
+
+def test_table_of_finished_runs_and_their_comparison_plot(cifar_root, tmp_path, capsys):
+    from imbsam.train import table
+
+    runs = [str(tmp_path / opt) for opt in ("sgd", "imbsam")]
+    for opt, out in zip(("sgd", "imbsam"), runs):
+        main(args(cifar_root, out, "--opt", opt, "--epochs", "1"))
+    capsys.readouterr()
+    png = str(tmp_path / "comparison.png")
+    table.main([*runs, "--plot", png])
+    printed = capsys.readouterr().out
+    assert "Many  Medium    Few    All" in printed
+    assert "sgd (1 ep" in printed and "imbsam (1 ep" in printed
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="metrics.json is missing"):
+        table.main([str(tmp_path / "never-ran")])

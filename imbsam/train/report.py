@@ -73,6 +73,37 @@ def plot_curves(history: list[dict], title: str, path: str) -> None:
     plt.close(fig)
 
 
+def plot_comparison(runs: list[tuple[str, dict, list[dict]]], title: str, path: str) -> None:
+    """Runs side by side, each (label, metrics, history): per-class test accuracy against the
+    training count (final epoch), and the test All and Few accuracy per epoch."""
+    plt = _pyplot()
+    fig, (ax_cls, ax_ep) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for k, (label, m, history) in enumerate(runs):
+        colour = f"C{k}"
+        order = sorted(range(len(m["counts"])), key=lambda c: -m["counts"][c])
+        ax_cls.plot([m["counts"][c] for c in order], [m["per_class"][c] for c in order], marker="o", ms=4,
+                    color=colour, alpha=0.85, label=f"{label}: All {m['all']:.1f}, Few {m['few']:.1f}")
+        tested = [h for h in history if "all" in h]
+        epochs = [h["epoch"] for h in tested]
+        ax_ep.plot(epochs, [h["all"] for h in tested], color=colour, label=f"{label} All")
+        ax_ep.plot(epochs, [h["few"] for h in tested], color=colour, ls="--", label=f"{label} Few")
+    ax_cls.set_xscale("log")
+    ax_cls.set_xlabel("training images of the class")
+    ax_cls.set_ylabel("test accuracy (%), final epoch")
+    ax_cls.grid(alpha=0.3)
+    ax_cls.legend(fontsize=8)
+    ax_ep.set_xlabel("epoch")
+    ax_ep.set_ylabel("test accuracy (%)")
+    ax_ep.grid(alpha=0.3)
+    ax_ep.legend(fontsize=8, ncol=2)
+    from matplotlib.ticker import MaxNLocator
+    ax_ep.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def save_plots(metrics: dict, history: list[dict], out: str) -> list[str]:
     title = f"{metrics['dataset']} (IF {metrics['imb_factor']:g}), {metrics['model']}, {metrics['opt']}"
     paths = [os.path.join(out, "per_class_accuracy.png"), os.path.join(out, "training_curves.png")]
