@@ -48,4 +48,4 @@ for opt in sgd sam imbsam; do
     --epochs "$EPOCHS" --no-download --out "$DEMO/$opt" ${DEMO_FLAGS:-}
 done
 echo
-"$PY" -m imbsam.train.table "$DEMO/sgd" "$DEMO/sam" "$DEMO/imbsam"
+"$PY" -m imbsam.train.table "$DEMO/sgd" "$DEMO/sam" "$DEMO/imbsam" --plot "$DEMO/comparison.png"
