@@ -11,15 +11,15 @@ SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # Metadata read through map(): a C-level loop per attribute, several times faster than a
 # Python loop over the tensors, which costs the Triton ops most of their host time.
-_layout, _device, _dtype = (operator.attrgetter(a) for a in ("layout", "device", "dtype"))
+layout_of, device_of, dtype_of = (operator.attrgetter(a) for a in ("layout", "device", "dtype"))
 
 
 def _layouts_strided(ts: Sequence[Tensor]) -> bool:
-    return all(layout is torch.strided for layout in set(map(_layout, ts)))
+    return all(layout is torch.strided for layout in set(map(layout_of, ts)))
 
 
 def check_list(op: str, ts: Sequence[Tensor], name: str) -> None:
-    if (_layouts_strided(ts) and len(set(map(_device, ts))) <= 1 and set(map(_dtype, ts)).issubset(SUPPORTED)
+    if (_layouts_strided(ts) and len(set(map(device_of, ts))) <= 1 and set(map(dtype_of, ts)).issubset(SUPPORTED)
             and all(map(Tensor.is_contiguous, ts))):
         return  # the usual case; anything else is examined tensor by tensor below
     for i, t in enumerate(ts):
@@ -82,9 +82,9 @@ def check_all_match(op: str, ref: Sequence[Tensor], ref_name: str, *others: tupl
             check_matches(op, ref, ref_name, other, name)
             continue
         if ref_meta is None:
-            ref_meta = [list(map(f, ref)) for f in (_device, _dtype, Tensor.size, Tensor.stride)]
+            ref_meta = [list(map(f, ref)) for f in (device_of, dtype_of, Tensor.size, Tensor.stride)]
         if any(list(map(f, other)) != meta
-               for f, meta in zip((_device, _dtype, Tensor.size, Tensor.stride), ref_meta)):
+               for f, meta in zip((device_of, dtype_of, Tensor.size, Tensor.stride), ref_meta)):
             check_matches(op, ref, ref_name, other, name)
 
 

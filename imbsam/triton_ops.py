@@ -8,7 +8,6 @@ kernels read tensor addresses from tables built on the host, which a traced
 """
 import functools
 import itertools
-import operator
 import os
 from typing import List, Optional, Sequence
 
@@ -127,7 +126,7 @@ def _types(dtype: torch.dtype):
 
 def _groups(lists: Sequence[Sequence[Tensor]]) -> list:
     """(triton dtype, math dtype, lists restricted to one dtype, without empty tensors) per dtype."""
-    dtypes = set(map(operator.attrgetter("dtype"), lists[0]))
+    dtypes = set(map(_validate.dtype_of, lists[0]))
     if len(dtypes) == 1 and all(map(Tensor.numel, lists[0])):
         return [(*_types(dtypes.pop()), [list(lst) for lst in lists])]  # the usual case: the lists whole
     by_dtype: dict = {}

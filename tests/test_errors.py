@@ -147,14 +147,14 @@ def test_a_broken_triton_interpreter_makes_the_backend_unusable_and_says_why(mon
         triton_ops._interpreter_error.cache_clear()
 
 
-def _sam_and_imbsam_phases(model):
-    """(name, optimizer, [phase methods in order]) for each optimizer and the paper-style adapters."""
+def _optimizer_and_phases(which: str, model):
+    """The optimizer (or paper-style adapter) named ``which`` and its phase methods in order."""
     kw = dict(lr=0.1, momentum=0.9)
-    sam, imb = (cls(model.parameters(), torch.optim.SGD, **kw) for cls in (imbsam.SAM, imbsam.ImbSAM))
-    csam, cimb = (cls(torch.optim.SGD(model.parameters(), **kw), model)
-                  for cls in (imbsam.compat.SAM, imbsam.compat.ImbSAM))
-    return [(name, o, [o.first_step, o.second_step] + ([o.third_step] if hasattr(o, "third_step") else []))
-            for name, o in (("SAM", sam), ("ImbSAM", imb), ("compat.SAM", csam), ("compat.ImbSAM", cimb))]
+    if which.startswith("compat."):
+        opt = getattr(imbsam.compat, which[len("compat."):])(torch.optim.SGD(model.parameters(), **kw), model)
+    else:
+        opt = getattr(imbsam, which)(model.parameters(), torch.optim.SGD, **kw)
+    return opt, [opt.first_step, opt.second_step] + ([opt.third_step] if hasattr(opt, "third_step") else [])
 
 
 def _with_grads(model):
@@ -165,7 +165,7 @@ def _with_grads(model):
 @pytest.mark.parametrize("which", ["SAM", "ImbSAM", "compat.SAM", "compat.ImbSAM"])
 def test_phases_out_of_order_raise_and_write_nothing(which):
     model = small_cnn()
-    name, opt, phases = next(t for t in _sam_and_imbsam_phases(model) if t[0] == which)
+    opt, phases = _optimizer_and_phases(which, model)
     weights = [p.detach().clone() for p in model.parameters()]
     _with_grads(model)
     # The last phase without a perturbation, and (ImbSAM) the perturbation without the head phase.

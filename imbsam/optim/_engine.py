@@ -289,11 +289,11 @@ class SharpnessEngine:
     def _check_phase(self, phase: str) -> None:
         """Raises if ``phase`` cannot follow the last one; nothing has been written yet."""
         names, last = self.phase_names, self.phase
-        finish = f"call {names['step']}() to finish the step, or abandon_step() to restore w without one"
         if phase in ("head", "perturb") and last == "perturbed":
             by = "again" if phase == "perturb" else f"after {names['perturb']}()"
             raise RuntimeError(f"imbsam: {names[phase]}() {by} while the weights are still perturbed (at w + e): "
-                               f"perturbing again would lose w; {finish}")
+                               f"perturbing again would lose w; call {names['step']}() to finish the step, or "
+                               "abandon_step() to restore w without one")
         if phase == "perturb" and "head" in names and last != "head":
             raise RuntimeError(f"imbsam: {names['perturb']}() without {names['head']}(): the head gradients were "
                                f"not set aside; call {names['head']}() after the head loss's backward")
