@@ -136,7 +136,7 @@ def test_table_of_finished_runs_and_their_comparison_plot(cifar_root, tmp_path, 
     table.main([*runs, "--plot", png])
     printed = capsys.readouterr().out
     assert "Many  Medium    Few    All" in printed
-    assert "sgd (1 ep" in printed and "imbsam (1 ep" in printed
+    assert "sgd seed 9826 (1 ep" in printed and "imbsam seed 9826 (1 ep" in printed
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="metrics.json is missing"):

@@ -104,6 +104,31 @@ def plot_comparison(runs: list[tuple[str, dict, list[dict]]], title: str, path: 
     plt.close(fig)
 
 
+def plot_seeds(groups, title: str, path: str) -> None:
+    """Every seed's final Many/Medium/Few/All accuracy as a dot, each group's mean as a bar:
+    the spread between seeds next to the differences between optimizers."""
+    from imbsam.train.seeds import ACCURACY_KEYS
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.8 / max(len(groups), 1)
+    for k, g in enumerate(groups):
+        colour = f"C{k}"
+        for j, key in enumerate(ACCURACY_KEYS):
+            x = j - 0.4 + width * (k + 0.5)
+            mean = g.stats(key)[0]
+            ax.scatter([x] * len(g.runs), [m[key] for m in g.runs], s=18, color=colour, alpha=0.8, zorder=3)
+            ax.hlines(mean, x - width * 0.4, x + width * 0.4, color=colour, lw=2.5,
+                      label=f"{g.label} ({len(g.runs)} seed{'s' if len(g.runs) > 1 else ''})" if j == 0 else None)
+    ax.set_xticks(range(len(ACCURACY_KEYS)), [k.capitalize() for k in ACCURACY_KEYS])
+    ax.set_ylabel("test accuracy (%), final epoch")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title + "\ndots: seeds, bars: means", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def save_plots(metrics: dict, history: list[dict], out: str) -> list[str]:
     title = f"{metrics['dataset']} (IF {metrics['imb_factor']:g}), {metrics['model']}, {metrics['opt']}"
     paths = [os.path.join(out, "per_class_accuracy.png"), os.path.join(out, "training_curves.png")]

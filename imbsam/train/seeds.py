@@ -1,0 +1,89 @@
+"""Finished runs of one recipe under several seeds, summarised per optimizer.
+
+One seed of a long-tailed run says little: single classes with a few dozen images move by
+points between seeds. So runs are grouped by optimizer and recipe (everything that
+changes the result except the seed), and each group reports its mean, sample standard
+deviation and range.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+ACCURACY_KEYS = ("many", "medium", "few", "all")
+# The arguments that make two runs different experiments rather than two seeds of one.
+RECIPE_KEYS = ("dataset", "imb_factor", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+               "rho", "eta", "tail_weight", "amp")
+
+
+def recipe_of(metrics: dict) -> dict:
+    args = metrics.get("args", {})
+    recipe = {k: args.get(k, metrics.get(k)) for k in RECIPE_KEYS}
+    if metrics["opt"] == "sgd":  # SGD ignores SAM's and ImbSAM's settings: they must not split its seeds
+        for k in ("rho", "eta", "tail_weight"):
+            recipe[k] = None
+    return recipe
+
+
+@dataclass
+class SeedGroup:
+    opt: str
+    recipe: dict
+    runs: list[dict] = field(default_factory=list)  # metrics.json contents
+    label: str = ""
+
+    @property
+    def seeds(self) -> list:
+        return [m.get("args", {}).get("seed") for m in self.runs]
+
+    def stats(self, key: str) -> tuple[float, float, float, float]:
+        """(mean, sample standard deviation (nan for one run), min, max) of accuracy `key`."""
+        values = [m[key] for m in self.runs]
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
+        return mean, sd, min(values), max(values)
+
+
+def group_by_recipe(named_metrics: list[tuple[str, dict]]) -> list[SeedGroup]:
+    """(run folder, metrics) pairs -> groups in order of first appearance. The same seed twice
+    in a group is an error: it is one run counted twice (or an identical rerun)."""
+    groups: list[SeedGroup] = []
+    where: dict[tuple, str] = {}
+    for name, m in named_metrics:
+        recipe = recipe_of(m)
+        group = next((g for g in groups if g.opt == m["opt"] and g.recipe == recipe), None)
+        if group is None:
+            group = SeedGroup(m["opt"], recipe)
+            groups.append(group)
+        seed = m.get("args", {}).get("seed")
+        key = (groups.index(group), seed)
+        if key in where:
+            raise ValueError(f"{where[key]} and {name} are the same recipe with the same seed ({seed}); "
+                             "give each seed once")
+        where[key] = name
+        group.runs.append(m)
+    for g in groups:
+        g.label = _label(g, groups)
+    return groups
+
+
+def _label(group: SeedGroup, groups: list[SeedGroup]) -> str:
+    """The optimizer, plus the recipe values that tell it apart from the optimizer's other groups."""
+    same_opt = [g for g in groups if g.opt == group.opt]
+    differing = [k for k in RECIPE_KEYS if len({repr(g.recipe[k]) for g in same_opt}) > 1]
+    return group.opt + (" (" + ", ".join(f"{k} {group.recipe[k]}" for k in differing) + ")" if differing else "")
+
+
+def format_seed_table(groups: list[SeedGroup], title: str = "") -> str:
+    """Mean ± sample standard deviation per group, and which seeds each group holds."""
+    lines = [title] if title else []
+    lines.append(f"{'':28s} {'seeds':>5s} " + " ".join(f"{k.capitalize():>11s}" for k in ACCURACY_KEYS))
+    for g in groups:
+        cells = []
+        for k in ACCURACY_KEYS:
+            mean, sd, _, _ = g.stats(k)
+            cells.append(f"{mean:5.1f} ± {sd:3.1f}" if not math.isnan(sd) else f"{mean:5.1f}      ")
+        lines.append((f"{g.label:28s} {len(g.runs):5d} " + " ".join(f"{c:>11s}" for c in cells)).rstrip())
+    lines.append("(mean ± sample standard deviation over the seeds: " +
+                 "; ".join(f"{g.label} {', '.join(str(s) for s in g.seeds)}" for g in groups) + ")")
+    return "\n".join(lines)
