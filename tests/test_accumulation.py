@@ -1,0 +1,92 @@
+"""Gradient accumulation through the phase API: k micro-batches whose losses are scaled
+by 1/k, accumulated into .grad before each phase, take the step one whole batch takes.
+
+The model has no BatchNorm, whose batch statistics would differ between a micro-batch
+and the whole batch; the sums differ only in their order, so the match is to rounding.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import imbsam
+import models
+from models import batches
+
+COUNTS = [500, 400, 300, 200, 150, 100, 60, 15, 10, 5]  # tail: classes 7, 8, 9
+SGD_KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+MICRO = 4  # micro-batches of 4 out of 16
+
+
+def cnn_without_batchnorm(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10)).to(models.DEVICE)
+
+
+def sam_whole(model, opt, x, y):
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step()
+    F.cross_entropy(model(x), y).backward()
+    opt.second_step()
+
+
+def sam_accumulated(model, opt, x, y):
+    for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
+        (F.cross_entropy(model(xs), ys) / MICRO).backward()
+    opt.first_step()
+    for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
+        (F.cross_entropy(model(xs), ys) / MICRO).backward()
+    opt.second_step()
+
+
+def imbsam_whole(model, opt, x, y, split):
+    head, tail = split(model(x), y)
+    head.backward(retain_graph=True)
+    opt.first_step()
+    tail.backward()
+    opt.second_step()
+    split(model(x), y)[1].backward()
+    opt.third_step()
+
+
+def imbsam_accumulated(model, opt, x, y, split):
+    # Every micro-batch's head gradient is in .grad before first_step sets them aside,
+    # so each forward's graph is kept until its tail backward.
+    tails = []
+    for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
+        head, tail = split(model(xs), ys)
+        (head / MICRO).backward(retain_graph=True)
+        tails.append(tail / MICRO)
+    opt.first_step()
+    for tail in tails:
+        tail.backward()
+    opt.second_step()
+    for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
+        (split(model(xs), ys)[1] / MICRO).backward()
+    opt.third_step()
+
+
+def run(kind, backend, step):
+    model = cnn_without_batchnorm()
+    split = imbsam.HeadTailLoss(COUNTS)
+    cls = imbsam.ImbSAM if kind == "imbsam" else imbsam.SAM
+    opt = cls(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, **SGD_KW)
+    for x, y in batches(4):
+        step(model, opt, x, y, split) if kind == "imbsam" else step(model, opt, x, y)
+    return model
+
+
+@pytest.mark.parametrize("backend", imbsam.available_backends())
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_accumulated_micro_batches_take_the_whole_batch_step(backend, kind):
+    whole, accumulated = {"sam": (sam_whole, sam_accumulated), "imbsam": (imbsam_whole, imbsam_accumulated)}[kind]
+    a = run(kind, backend, whole)
+    b = run(kind, backend, accumulated)
+    start = cnn_without_batchnorm()
+    for pa, pb, p0 in zip(a.parameters(), b.parameters(), start.parameters()):
+        moved = (pa - p0).abs().max().item()
+        assert moved > 1e-4  # the steps did move the weights
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
