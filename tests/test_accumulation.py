@@ -13,6 +13,7 @@ from torch import nn
 
 import imbsam
 import models
+from imbsam.train_step import make_step
 from models import batches
 
 COUNTS = [500, 400, 300, 200, 150, 100, 60, 15, 10, 5]  # tail: classes 7, 8, 9
@@ -26,13 +27,6 @@ def cnn_without_batchnorm(seed=0):
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10)).to(models.DEVICE)
 
 
-def sam_whole(model, opt, x, y):
-    F.cross_entropy(model(x), y).backward()
-    opt.first_step()
-    F.cross_entropy(model(x), y).backward()
-    opt.second_step()
-
-
 def sam_accumulated(model, opt, x, y):
     for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
         (F.cross_entropy(model(xs), ys) / MICRO).backward()
@@ -40,16 +34,6 @@ def sam_accumulated(model, opt, x, y):
     for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
         (F.cross_entropy(model(xs), ys) / MICRO).backward()
     opt.second_step()
-
-
-def imbsam_whole(model, opt, x, y, split):
-    head, tail = split(model(x), y)
-    head.backward(retain_graph=True)
-    opt.first_step()
-    tail.backward()
-    opt.second_step()
-    split(model(x), y)[1].backward()
-    opt.third_step()
 
 
 def imbsam_accumulated(model, opt, x, y, split):
@@ -69,22 +53,27 @@ def imbsam_accumulated(model, opt, x, y, split):
     opt.third_step()
 
 
-def run(kind, backend, step):
+def run(kind, backend, accumulate):
     model = cnn_without_batchnorm()
     split = imbsam.HeadTailLoss(COUNTS)
     cls = imbsam.ImbSAM if kind == "imbsam" else imbsam.SAM
     opt = cls(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, **SGD_KW)
+    whole_batch = make_step(kind, model, opt, split)  # the training loop's own step
     for x, y in batches(4):
-        step(model, opt, x, y, split) if kind == "imbsam" else step(model, opt, x, y)
+        if not accumulate:
+            whole_batch(x, y)
+        elif kind == "imbsam":
+            imbsam_accumulated(model, opt, x, y, split)
+        else:
+            sam_accumulated(model, opt, x, y)
     return model
 
 
 @pytest.mark.parametrize("backend", imbsam.available_backends())
 @pytest.mark.parametrize("kind", ["sam", "imbsam"])
 def test_accumulated_micro_batches_take_the_whole_batch_step(backend, kind):
-    whole, accumulated = {"sam": (sam_whole, sam_accumulated), "imbsam": (imbsam_whole, imbsam_accumulated)}[kind]
-    a = run(kind, backend, whole)
-    b = run(kind, backend, accumulated)
+    a = run(kind, backend, accumulate=False)
+    b = run(kind, backend, accumulate=True)
     start = cnn_without_batchnorm()
     for pa, pb, p0 in zip(a.parameters(), b.parameters(), start.parameters()):
         moved = (pa - p0).abs().max().item()
