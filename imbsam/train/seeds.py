@@ -2,8 +2,8 @@
 
 One seed of a long-tailed run says little: single classes with a few dozen images move by
 points between seeds. So runs are grouped by optimizer and recipe (everything that
-changes the result except the seed), and each group reports its mean, sample standard
-deviation and range.
+changes the result except the seed), and each group reports its mean and sample
+standard deviation (``report.plot_seeds`` shows every seed).
 """
 from __future__ import annotations
 
@@ -36,12 +36,12 @@ class SeedGroup:
     def seeds(self) -> list:
         return [m.get("args", {}).get("seed") for m in self.runs]
 
-    def stats(self, key: str) -> tuple[float, float, float, float]:
-        """(mean, sample standard deviation (nan for one run), min, max) of accuracy `key`."""
+    def stats(self, key: str) -> tuple[float, float]:
+        """(mean, sample standard deviation (nan for one run)) of accuracy `key`."""
         values = [m[key] for m in self.runs]
         mean = sum(values) / len(values)
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
-        return mean, sd, min(values), max(values)
+        return mean, sd
 
 
 def group_by_recipe(named_metrics: list[tuple[str, dict]]) -> list[SeedGroup]:
@@ -81,7 +81,7 @@ def format_seed_table(groups: list[SeedGroup], title: str = "") -> str:
     for g in groups:
         cells = []
         for k in ACCURACY_KEYS:
-            mean, sd, _, _ = g.stats(k)
+            mean, sd = g.stats(k)
             cells.append(f"{mean:5.1f} ± {sd:3.1f}" if not math.isnan(sd) else f"{mean:5.1f}      ")
         lines.append((f"{g.label:28s} {len(g.runs):5d} " + " ".join(f"{c:>11s}" for c in cells)).rstrip())
     lines.append("(mean ± sample standard deviation over the seeds: " +

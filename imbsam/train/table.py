@@ -34,6 +34,9 @@ def main(argv=None):
         if args.plot:
             with open(os.path.join(run, "history.json")) as f:
                 runs.append((m["opt"], m, json.load(f)))
+    opts = [m["opt"] for _, m in named]
+    if len(set(opts)) < len(opts):  # an optimizer twice: the plot's labels name the seeds
+        runs = [(f"{label} seed {m.get('args', {}).get('seed')}", m, h) for label, m, h in runs]
     setting = f"{first['dataset']} (IF {first['imb_factor']:g}), {first['model']}"
     print(format_table(rows, title=f"{setting}, final epoch, test accuracy (%), on {first['device']}"))
     try:
