@@ -18,7 +18,7 @@ from models import batches
 
 COUNTS = [500, 400, 300, 200, 150, 100, 60, 15, 10, 5]  # tail: classes 7, 8, 9
 SGD_KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
-MICRO = 4  # micro-batches of 4 out of 16
+MICRO = 4  # k: each batch of 16 as 4 micro-batches of 4
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,10 @@ RECIPE_KEYS = ("dataset", "imb_factor", "model", "epochs", "batch_size", "lr", "
                "rho", "eta", "tail_weight", "amp")
 
 
+def seed_of(metrics: dict):
+    return metrics.get("args", {}).get("seed")
+
+
 def recipe_of(metrics: dict) -> dict:
     args = metrics.get("args", {})
     recipe = {k: args.get(k, metrics.get(k)) for k in RECIPE_KEYS}
@@ -34,7 +38,7 @@ class SeedGroup:
 
     @property
     def seeds(self) -> list:
-        return [m.get("args", {}).get("seed") for m in self.runs]
+        return [seed_of(m) for m in self.runs]
 
     def stats(self, key: str) -> tuple[float, float]:
         """(mean, sample standard deviation (nan for one run)) of accuracy `key`."""
@@ -55,7 +59,7 @@ def group_by_recipe(named_metrics: list[tuple[str, dict]]) -> list[SeedGroup]:
         if group is None:
             group = SeedGroup(m["opt"], recipe)
             groups.append(group)
-        seed = m.get("args", {}).get("seed")
+        seed = seed_of(m)
         key = (groups.index(group), seed)
         if key in where:
             raise ValueError(f"{where[key]} and {name} are the same recipe with the same seed ({seed}); "

@@ -10,7 +10,7 @@ import json
 import os
 
 from imbsam.train.report import format_table, plot_comparison, plot_seeds
-from imbsam.train.seeds import format_seed_table, group_by_recipe
+from imbsam.train.seeds import format_seed_table, group_by_recipe, seed_of
 
 
 def main(argv=None):
@@ -29,14 +29,13 @@ def main(argv=None):
             m = json.load(f)
         first = first or m
         named.append((run, m))
-        seed = m.get("args", {}).get("seed")
-        rows.append((f"{m['opt']} seed {seed} ({m['epochs']} ep, {m['wall_s']:.0f} s)", m))
+        rows.append((f"{m['opt']} seed {seed_of(m)} ({m['epochs']} ep, {m['wall_s']:.0f} s)", m))
         if args.plot:
             with open(os.path.join(run, "history.json")) as f:
                 runs.append((m["opt"], m, json.load(f)))
     opts = [m["opt"] for _, m in named]
     if len(set(opts)) < len(opts):  # an optimizer twice: the plot's labels name the seeds
-        runs = [(f"{label} seed {m.get('args', {}).get('seed')}", m, h) for label, m, h in runs]
+        runs = [(f"{label} seed {seed_of(m)}", m, h) for label, m, h in runs]
     setting = f"{first['dataset']} (IF {first['imb_factor']:g}), {first['model']}"
     print(format_table(rows, title=f"{setting}, final epoch, test accuracy (%), on {first['device']}"))
     try:
