@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+# The class groups of shot_split, and with "all" the accuracies a run reports.
+SHOT_GROUPS = ("many", "medium", "few")
+ACCURACY_KEYS = (*SHOT_GROUPS, "all")
+
 
 def long_tail_counts(n_max: int, num_classes: int, imb_factor: float) -> list[int]:
     """Class ``c`` keeps ``int(n_max * (1 / imb_factor) ** (c / (C - 1)))`` samples.

@@ -8,6 +8,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from imbsam.data.profile import SHOT_GROUPS
+
 # The progress bar reads the device counters this often (each read is a host sync).
 PROGRESS_EVERY = 20
 
@@ -66,7 +68,7 @@ def per_class_accuracy(model: torch.nn.Module, loader, num_classes: int,
 def group_accuracy(per_class: Tensor, groups: list[str]) -> dict:
     """Mean per-class accuracy over Many / Medium / Few classes and over all (the paper's ALL)."""
     out = {}
-    for name in ("many", "medium", "few"):
+    for name in SHOT_GROUPS:
         idx = [i for i, g in enumerate(groups) if g == name]
         out[name] = float(per_class[idx].mean()) if idx else float("nan")
     out["all"] = float(per_class.mean())

@@ -4,14 +4,15 @@ from __future__ import annotations
 import math
 import os
 
+from imbsam.data.profile import ACCURACY_KEYS, SHOT_GROUPS
+
 
 def format_table(rows: list[tuple[str, dict]], title: str = "") -> str:
     """rows: (label, {'many', 'medium', 'few', 'all'}) -> an aligned text table."""
     lines = [title] if title else []
     lines.append(f"{'':40s} {'Many':>6s} {'Medium':>7s} {'Few':>6s} {'All':>6s}")
     for label, m in rows:
-        cells = [("   -  " if m.get(k) is None or math.isnan(m[k]) else f"{m[k]:6.1f}") for k in
-                 ("many", "medium", "few", "all")]
+        cells = [("   -  " if m.get(k) is None or math.isnan(m[k]) else f"{m[k]:6.1f}") for k in ACCURACY_KEYS]
         lines.append(f"{label:40s} {cells[0]:>6s} {cells[1]:>7s} {cells[2]:>6s} {cells[3]:>6s}")
     return "\n".join(lines)
 
@@ -28,7 +29,7 @@ def plot_per_class(per_class: list[float], counts: list[int], groups: list[str],
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colours = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
-    for g in ("many", "medium", "few"):
+    for g in SHOT_GROUPS:
         xs = [c for c, gg in zip(counts, groups) if gg == g]
         ys = [a for a, gg in zip(per_class, groups) if gg == g]
         if xs:
@@ -107,7 +108,6 @@ def plot_comparison(runs: list[tuple[str, dict, list[dict]]], title: str, path: 
 def plot_seeds(groups, title: str, path: str) -> None:
     """Every seed's final Many/Medium/Few/All accuracy as a dot, each group's mean as a bar:
     the spread between seeds next to the differences between optimizers."""
-    from imbsam.train.seeds import ACCURACY_KEYS
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.2))
     width = 0.8 / max(len(groups), 1)

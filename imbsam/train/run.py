@@ -11,7 +11,7 @@ import torch
 
 import imbsam
 from imbsam import backends
-from imbsam.data import shot_split
+from imbsam.data import ACCURACY_KEYS, shot_split
 from imbsam.data.device_loader import DeviceLoader
 from imbsam.data.sources import load_dataset
 from imbsam.models import build_model
@@ -180,7 +180,7 @@ def finish(args, data, counts, groups, history, wall, device, backend, log) -> d
         wall_s=round(wall, 1), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         backend=backend, torch=torch.__version__, date=datetime.date.today().isoformat(),
         command="python -m imbsam.train " + " ".join(sys.argv[1:]),
-        best_epoch_selected_on_test=dict(epoch=best["epoch"], **{k: best[k] for k in ("many", "medium", "few", "all")}),
+        best_epoch_selected_on_test=dict(epoch=best["epoch"], **{k: best[k] for k in ACCURACY_KEYS}),
         per_class=final["per_class"], counts=counts, groups=groups, eta=args.eta, rho=args.rho,
         args={k: v for k, v in vars(args).items()})
     write_json(os.path.join(args.out, "metrics.json"), metrics)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-ACCURACY_KEYS = ("many", "medium", "few", "all")
+from imbsam.data.profile import ACCURACY_KEYS
 # The arguments that make two runs different experiments rather than two seeds of one.
 RECIPE_KEYS = ("dataset", "imb_factor", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay",
                "rho", "eta", "tail_weight", "amp")
