@@ -51,24 +51,24 @@ class SeedGroup:
 def group_by_recipe(named_metrics: list[tuple[str, dict]]) -> list[SeedGroup]:
     """(run folder, metrics) pairs -> groups in order of first appearance. The same seed twice
     in a group is an error: it is one run counted twice (or an identical rerun)."""
-    groups: list[SeedGroup] = []
-    where: dict[tuple, str] = {}
+    groups: dict[tuple, SeedGroup] = {}  # insertion-ordered: first appearance
+    where: dict[tuple, str] = {}  # (group key, seed) -> the run folder that gave it
     for name, m in named_metrics:
         recipe = recipe_of(m)
-        group = next((g for g in groups if g.opt == m["opt"] and g.recipe == recipe), None)
-        if group is None:
-            group = SeedGroup(m["opt"], recipe)
-            groups.append(group)
+        key = (m["opt"], *recipe.values())
+        if key not in groups:
+            groups[key] = SeedGroup(m["opt"], recipe)
+        group = groups[key]
         seed = seed_of(m)
-        key = (groups.index(group), seed)
-        if key in where:
-            raise ValueError(f"{where[key]} and {name} are the same recipe with the same seed ({seed}); "
+        if (key, seed) in where:
+            raise ValueError(f"{where[key, seed]} and {name} are the same recipe with the same seed ({seed}); "
                              "give each seed once")
-        where[key] = name
+        where[key, seed] = name
         group.runs.append(m)
-    for g in groups:
-        g.label = _label(g, groups)
-    return groups
+    ordered = list(groups.values())
+    for g in ordered:
+        g.label = _label(g, ordered)
+    return ordered
 
 
 def _label(group: SeedGroup, groups: list[SeedGroup]) -> str:
