@@ -37,7 +37,7 @@ def cnn_without_batchnorm(seed=0):
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10)).to(models.DEVICE)
 
 
-def sam_accumulated(model, opt, x, y):
+def sam_accumulated(model, opt, x, y, split=None):
     for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
         (F.cross_entropy(model(xs), ys) / MICRO).backward()
     opt.first_step()
@@ -63,24 +63,52 @@ def imbsam_accumulated(model, opt, x, y, split):
     opt.third_step()
 
 
+def swap_grads(params, other):
+    for i, p in enumerate(params):
+        p.grad, other[i] = other[i], p.grad
+
+
+def imbsam_accumulated_graph_by_graph(model, opt, x, y, split):
+    # The README's recipe: each micro-batch's graph is freed at once. Its tail gradient
+    # accumulates in buffers of its own (swapped in as .grad for that backward), its head
+    # gradient in .grad; after first_step has set .grad aside, the tail sums become .grad.
+    params = [p for p in model.parameters() if p.requires_grad]
+    tail_grads = [None] * len(params)
+    for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
+        head, tail = split(model(xs), ys)
+        swap_grads(params, tail_grads)
+        (tail / MICRO).backward(retain_graph=True)
+        swap_grads(params, tail_grads)
+        (head / MICRO).backward()
+    opt.first_step()
+    swap_grads(params, tail_grads)
+    opt.second_step()
+    for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
+        (split(model(xs), ys)[1] / MICRO).backward()
+    opt.third_step()
+
+
+ACCUMULATE = {"sam": sam_accumulated, "imbsam": imbsam_accumulated,
+              "imbsam-graph-by-graph": imbsam_accumulated_graph_by_graph}
+
+
 def run(kind, backend, accumulate):
     model = cnn_without_batchnorm()
     split = imbsam.HeadTailLoss(COUNTS)
-    cls = imbsam.ImbSAM if kind == "imbsam" else imbsam.SAM
+    method = kind.split("-")[0]
+    cls = imbsam.ImbSAM if method == "imbsam" else imbsam.SAM
     opt = cls(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, **SGD_KW)
-    whole_batch = make_step(kind, model, opt, split)  # the training loop's own step
+    whole_batch = make_step(method, model, opt, split)  # the training loop's own step
     for x, y in batches(4):
-        if not accumulate:
-            whole_batch(x, y)
-        elif kind == "imbsam":
-            imbsam_accumulated(model, opt, x, y, split)
+        if accumulate:
+            ACCUMULATE[kind](model, opt, x, y, split)
         else:
-            sam_accumulated(model, opt, x, y)
+            whole_batch(x, y)
     return model
 
 
 @pytest.mark.parametrize("backend", imbsam.available_backends())
-@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+@pytest.mark.parametrize("kind", list(ACCUMULATE))
 def test_accumulated_micro_batches_take_the_whole_batch_step(backend, kind):
     a = run(kind, backend, accumulate=False)
     b = run(kind, backend, accumulate=True)
