@@ -1,5 +1,6 @@
 """Gradient accumulation through the phase API: k micro-batches whose losses are scaled
-by 1/k, accumulated into .grad before each phase, take the step one whole batch takes.
+by 1/k, accumulated into .grad before each phase, take the step one whole batch takes;
+so does ImbSAM's recipe that frees each micro-batch's graph (the README's).
 
 The model has no BatchNorm, whose batch statistics would differ between a micro-batch
 and the whole batch; the sums differ only in their order, so the match is to rounding.
