@@ -89,20 +89,21 @@ def imbsam_accumulated_graph_by_graph(model, opt, x, y, split):
     opt.third_step()
 
 
-ACCUMULATE = {"sam": sam_accumulated, "imbsam": imbsam_accumulated,
-              "imbsam-graph-by-graph": imbsam_accumulated_graph_by_graph}
+# kind -> (the optimizer it steps, how it accumulates)
+ACCUMULATE = {"sam": ("sam", sam_accumulated), "imbsam": ("imbsam", imbsam_accumulated),
+              "imbsam-graph-by-graph": ("imbsam", imbsam_accumulated_graph_by_graph)}
 
 
 def run(kind, backend, accumulate):
     model = cnn_without_batchnorm()
     split = imbsam.HeadTailLoss(COUNTS)
-    method = kind.split("-")[0]
+    method, accumulated = ACCUMULATE[kind]
     cls = imbsam.ImbSAM if method == "imbsam" else imbsam.SAM
     opt = cls(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, **SGD_KW)
     whole_batch = make_step(method, model, opt, split)  # the training loop's own step
     for x, y in batches(4):
         if accumulate:
-            ACCUMULATE[kind](model, opt, x, y, split)
+            accumulated(model, opt, x, y, split)
         else:
             whole_batch(x, y)
     return model
