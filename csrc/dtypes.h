@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include "math_type.h"  // math_t: the precision each storage type computes in
+
 namespace imbsam {
 
 // Calls f(T{}) with the storage type of `dtype`; checks.h has rejected the others.

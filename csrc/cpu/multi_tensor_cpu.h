@@ -43,10 +43,6 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
   });
 }
 
-// fp32 math for bf16/fp16/fp32 storage, fp64 math for fp64 storage.
-template <typename T>
-using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 template <typename T>
 T* ptr(const at::Tensor& t) {
   return static_cast<T*>(t.data_ptr());

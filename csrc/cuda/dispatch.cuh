@@ -1,5 +1,5 @@
 // Host-side helpers shared by the CUDA ops: grouping a call's tensors by dtype (one
-// launch sequence per storage type) and mapping a dtype to its C++ type.
+// launch sequence per storage type) and picking those groups' lists.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -36,21 +36,6 @@ inline std::vector<std::vector<at::Tensor>> pick(std::initializer_list<at::Tenso
     out.push_back(std::move(v));
   }
   return out;
-}
-
-// A 0-d float32 or float64 device scalar read inside kernels, so nothing syncs.
-struct DeviceScalar {
-  const void* ptr = nullptr;
-  bool is_double = false;
-  __device__ __forceinline__ double get() const {
-    return is_double ? *static_cast<const double*>(ptr) : static_cast<double>(*static_cast<const float*>(ptr));
-  }
-};
-
-inline DeviceScalar device_scalar(const at::Tensor& t) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-                   "imbsam: device scalars must be float32 or float64, got ", t.scalar_type());
-  return {t.data_ptr(), t.scalar_type() == at::kDouble};
 }
 
 }  // namespace imbsam::cuda
