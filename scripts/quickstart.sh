@@ -27,14 +27,16 @@ echo "   built in $(( $(date +%s) - start )) s"
 echo "== optimizer-step benchmark: ResNet-34 (CIFAR stem) parameter list"
 "$PY" benchmarks/bench_optimizer_step.py --reps "${BENCH_REPS:-10}" --out runs/bench/optimizer_step_cpu.json
 
+# Debian packages: Fashion-MNIST for the demo, clang++ for the tests' CUDA emulator
+# (tests/cuda_emu/: it needs a section attribute that GCC drops in templates).
 FMNIST=/usr/share/datasets/fashion-mnist
-if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
-  echo "== installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
-  if [ "$(id -u)" = 0 ]; then
-    apt-get install -y -qq dataset-fashion-mnist > /dev/null || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist > /dev/null; }
-  else
-    sudo apt-get install -y -qq dataset-fashion-mnist > /dev/null
-  fi
+APT=()
+[ -f "$FMNIST/train-images-idx3-ubyte.gz" ] || APT+=(dataset-fashion-mnist)
+command -v clang++ > /dev/null || APT+=(clang)
+if [ ${#APT[@]} -gt 0 ]; then
+  echo "== installing ${APT[*]} (Debian packages)"
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get install -y -qq "${APT[@]}" > /dev/null || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${APT[@]}" > /dev/null; }
 fi
 
 # The demo: ResNet-32 on Fashion-MNIST-LT, the paper's optimizer recipe, a few epochs
