@@ -11,6 +11,11 @@
 
 using namespace imbsam::cuda;
 
+// The layout this build checks (test_mta_plan.py builds both).
+constexpr bool kLarge = IMBSAM_MTA_LARGE_ARGS;
+constexpr int kMaxBlocks = ArgLimits<kLarge>::kMaxBlocks;
+constexpr const int* kMaxTensors = ArgLimits<kLarge>::kMaxTensors;
+
 static int failures = 0;
 #define EXPECT(cond, ...)                 \
   do {                                    \
@@ -29,7 +34,7 @@ void check(const std::vector<int64_t>& numels) {
   }
   std::map<std::pair<size_t, int64_t>, int> seen;
   int64_t next_offset = 0;
-  plan_launches<D>(addrs, numels, [&](const TensorListMetadata<D>& tl, int blocks, int64_t offset) {
+  plan_launches<D, kLarge>(addrs, numels, [&](const TensorListMetadata<D, kLarge>& tl, int blocks, int64_t offset) {
     EXPECT(offset == next_offset, "offset %lld, expected %lld\n", (long long)offset, (long long)next_offset);
     EXPECT(blocks >= 1 && blocks <= kMaxBlocks, "blocks %d\n", blocks);
     next_offset += blocks;

@@ -16,46 +16,54 @@ namespace imbsam::cuda {
 // 64 Ki elements a block: PyTorch's multi-tensor-apply choice, enough work per block
 // to hide launch and tail effects.
 constexpr int64_t kChunkSize = 1 << 16;
-// Kernel arguments are limited to 4 KiB before CUDA 12.1; from 12.1 on Volta and newer
-// GPUs to 32 KiB (multi_tensor_apply.cuh sets IMBSAM_MTA_LARGE_ARGS there). With the
-// large caps a ResNet-34 list (110 tensors, 410 chunks) is one launch per op instead of
-// two to four partly filled ones.
-#ifndef IMBSAM_MTA_LARGE_ARGS
-#define IMBSAM_MTA_LARGE_ARGS 0
-#endif
-#if IMBSAM_MTA_LARGE_ARGS
-constexpr int kMaxTensors[5] = {255, 255, 255, 200, 160};  // block_to_tensor is one byte
-constexpr int kMaxBlocks = 1024;
-constexpr size_t kMaxArgBytes = 32764;
-#else
-constexpr int kMaxTensors[5] = {110, 64, 48, 36, 30};
-constexpr int kMaxBlocks = 320;
-constexpr size_t kMaxArgBytes = 4096;
-#endif
+// Kernel arguments are limited to 4 KiB before CUDA 12.1; from 12.1 (runtime and driver)
+// on Volta and newer GPUs to 32 KiB. Both layouts exist; the CUDA glue picks one at run
+// time (multi_tensor_apply.cuh). With the large caps a ResNet-34 list (110 tensors,
+// 410 chunks) is one launch per op instead of two to four partly filled ones.
+template <bool kLarge>
+struct ArgLimits;
+template <>
+struct ArgLimits<false> {
+  static constexpr int kMaxTensors[5] = {110, 64, 48, 36, 30};
+  static constexpr int kMaxBlocks = 320;
+  static constexpr size_t kMaxArgBytes = 4096;
+};
+template <>
+struct ArgLimits<true> {
+  static constexpr int kMaxTensors[5] = {255, 255, 255, 200, 160};  // block_to_tensor is one byte
+  static constexpr int kMaxBlocks = 1024;
+  static constexpr size_t kMaxArgBytes = 32764;
+};
 
-template <int D>
+template <int D, bool kLarge>
 struct TensorListMetadata {
-  void* addresses[D][kMaxTensors[D - 1]];
-  int64_t sizes[kMaxTensors[D - 1]];
-  unsigned char block_to_tensor[kMaxBlocks];
-  int block_to_chunk[kMaxBlocks];
+  static constexpr int kTensors = ArgLimits<kLarge>::kMaxTensors[D - 1];
+  static constexpr int kBlocks = ArgLimits<kLarge>::kMaxBlocks;
+  void* addresses[D][kTensors];
+  int64_t sizes[kTensors];
+  unsigned char block_to_tensor[kBlocks];
+  int block_to_chunk[kBlocks];
 };
 
 // The metadata plus the other kernel arguments (block offset, functor, scalars) must fit.
-static_assert(sizeof(TensorListMetadata<1>) + 256 <= kMaxArgBytes, "depth 1 metadata too large");
-static_assert(sizeof(TensorListMetadata<2>) + 256 <= kMaxArgBytes, "depth 2 metadata too large");
-static_assert(sizeof(TensorListMetadata<3>) + 256 <= kMaxArgBytes, "depth 3 metadata too large");
-static_assert(sizeof(TensorListMetadata<4>) + 256 <= kMaxArgBytes, "depth 4 metadata too large");
-static_assert(sizeof(TensorListMetadata<5>) + 256 <= kMaxArgBytes, "depth 5 metadata too large");
+template <bool kLarge>
+constexpr bool fits() {
+  constexpr size_t room = ArgLimits<kLarge>::kMaxArgBytes - 256;
+  return sizeof(TensorListMetadata<1, kLarge>) <= room && sizeof(TensorListMetadata<2, kLarge>) <= room &&
+         sizeof(TensorListMetadata<3, kLarge>) <= room && sizeof(TensorListMetadata<4, kLarge>) <= room &&
+         sizeof(TensorListMetadata<5, kLarge>) <= room;
+}
+static_assert(fits<false>() && fits<true>(), "metadata too large for its kernel-argument limit");
 
 // Calls launch(metadata, n_blocks, block_offset) for each launch; block_offset counts
 // the blocks of earlier launches, so a kernel can give each chunk its own output slot.
 // Empty tensors get no block.
-template <int D, typename Launch>
+template <int D, bool kLarge, typename Launch>
 void plan_launches(const std::vector<std::array<void*, D>>& addresses, const std::vector<int64_t>& numels,
                    Launch&& launch) {
   static_assert(D >= 1 && D <= 5, "depth 1..5");
-  TensorListMetadata<D> tl;
+  using Meta = TensorListMetadata<D, kLarge>;
+  Meta tl;
   int tensors = 0, blocks = 0;
   int64_t block_offset = 0;
   const size_t n_tensors = numels.size();
@@ -71,8 +79,8 @@ void plan_launches(const std::vector<std::array<void*, D>>& addresses, const std
       tl.block_to_chunk[blocks] = static_cast<int>(c);
       ++blocks;
       const bool last_chunk = c == chunks - 1;
-      const bool blocks_full = blocks == kMaxBlocks;
-      const bool tensors_full = tensors == kMaxTensors[D - 1] && last_chunk;
+      const bool blocks_full = blocks == Meta::kBlocks;
+      const bool tensors_full = tensors == Meta::kTensors && last_chunk;
       if (blocks_full || tensors_full) {
         launch(tl, blocks, block_offset);
         block_offset += blocks;

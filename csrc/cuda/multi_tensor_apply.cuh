@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -13,10 +14,14 @@
 #include <cstdint>
 #include <vector>
 
-// 32 KiB kernel arguments from CUDA 12.1 (Volta and newer; setup.py passes
-// -DIMBSAM_MTA_LARGE_ARGS=0 when asked to build for an older GPU).
-#if !defined(IMBSAM_MTA_LARGE_ARGS) && CUDART_VERSION >= 12010
+// Whether the 32 KiB layout's kernels are compiled: nvcc accepts them from CUDA 12.1,
+// for Volta and newer (setup.py passes -DIMBSAM_MTA_LARGE_ARGS=0 for an older GPU).
+#if !defined(IMBSAM_MTA_LARGE_ARGS)
+#if CUDART_VERSION >= 12010
 #define IMBSAM_MTA_LARGE_ARGS 1
+#else
+#define IMBSAM_MTA_LARGE_ARGS 0
+#endif
 #endif
 #include "mta_plan.h"
 #include "device/chunk.cuh"
@@ -31,21 +36,49 @@ inline int64_t count_chunks(const std::vector<at::Tensor>& tensors) {
   return n;
 }
 
+// 32 KiB kernel arguments need them compiled, a driver of CUDA 12.1 or newer (a newer
+// runtime may run on an older driver) and a Volta or newer GPU; PyTorch's own
+// multi-tensor kernels decide the same way, at run time.
+inline bool large_args_usable() {
+#if IMBSAM_MTA_LARGE_ARGS
+  static const int driver = [] {
+    int v = 0;
+    return cudaDriverGetVersion(&v) == cudaSuccess ? v : 0;
+  }();
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c10::cuda::current_device()));
+  return driver >= 12010 && major >= 7;
+#else
+  return false;
+#endif
+}
+
+template <int D, bool kLarge, typename Functor, typename... Args>
+void launch_all(const std::vector<std::array<void*, D>>& addresses, const std::vector<int64_t>& numels, Functor f,
+                Args... args) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  plan_launches<D, kLarge>(addresses, numels,
+                           [&](const TensorListMetadata<D, kLarge>& tl, int blocks, int64_t block_offset) {
+                             multi_tensor_kernel<D, kLarge>
+                                 <<<blocks, kBlockSize, 0, stream>>>(tl, block_offset, f, args...);
+                             C10_CUDA_KERNEL_LAUNCH_CHECK();
+                           });
+}
+
 // Launches Functor over D lists of equal length (list 0 decides the sizes), packed
-// as plan_launches (mta_plan.h) decides.
+// as plan_launches (mta_plan.h) decides, in the largest layout this GPU takes.
 template <int D, typename Functor, typename... Args>
 void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, Functor f, Args... args) {
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   std::vector<std::array<void*, D>> addresses(lists[0].size());
   std::vector<int64_t> numels(lists[0].size());
   for (size_t t = 0; t < lists[0].size(); ++t) {
     for (int d = 0; d < D; ++d) addresses[t][d] = lists[d][t].data_ptr();
     numels[t] = lists[0][t].numel();
   }
-  plan_launches<D>(addresses, numels, [&](const TensorListMetadata<D>& tl, int blocks, int64_t block_offset) {
-    multi_tensor_kernel<D><<<blocks, kBlockSize, 0, stream>>>(tl, block_offset, f, args...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+#if IMBSAM_MTA_LARGE_ARGS
+  if (large_args_usable()) return launch_all<D, true>(addresses, numels, f, args...);
+#endif
+  launch_all<D, false>(addresses, numels, f, args...);
 }
 
 }  // namespace imbsam::cuda

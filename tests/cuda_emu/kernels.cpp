@@ -20,6 +20,10 @@ namespace {
 
 using namespace imbsam::cuda;
 
+// The kernel-argument layout of this build (emulated_cuda.py builds both); on a GPU the
+// glue picks one at run time.
+constexpr bool kLarge = IMBSAM_MTA_LARGE_ARGS;
+
 enum Dtype : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
 
 template <typename F>
@@ -40,10 +44,12 @@ int apply(void** const (&lists)[D], int n, const int64_t* numels, Functor f, Arg
   std::vector<int64_t> sizes(numels, numels + n);
   for (int t = 0; t < n; ++t)
     for (int d = 0; d < D; ++d) addresses[t][d] = lists[d][t];
-  plan_launches<D>(addresses, sizes, [&](const TensorListMetadata<D>& tl, int blocks, int64_t block_offset) {
-    cuda_emu::launch(dim3(blocks), dim3(kBlockSize), multi_tensor_kernel<D, Functor, Args...>, tl, block_offset, f,
-                     args...);
-  });
+  plan_launches<D, kLarge>(addresses, sizes,
+                           [&](const TensorListMetadata<D, kLarge>& tl, int blocks, int64_t block_offset) {
+                             cuda_emu::launch(dim3(blocks), dim3(kBlockSize),
+                                              multi_tensor_kernel<D, kLarge, Functor, Args...>, tl, block_offset, f,
+                                              args...);
+                           });
   return cuda_emu::last_error().empty() ? 0 : -1;
 }
 
@@ -60,7 +66,7 @@ void emu_clear_error() { cuda_emu::clear_error(); }
 int64_t emu_launches() { return cuda_emu::launches(); }
 int emu_large_args() { return IMBSAM_MTA_LARGE_ARGS; }
 int64_t emu_chunk_size() { return kChunkSize; }
-int emu_max_blocks() { return kMaxBlocks; }
+int emu_max_blocks() { return ArgLimits<kLarge>::kMaxBlocks; }
 
 // Stage 1 of the norm over one dtype's tensors: partials[i] for each chunk i, in order.
 // adaptive != 0: lists (g, w) and the ASAM-scaled sum.

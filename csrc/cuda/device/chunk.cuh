@@ -13,8 +13,8 @@ namespace imbsam::cuda {
 constexpr int kBlockSize = 512;
 
 // Pointers and length of the chunk this block owns.
-template <int D, typename T>
-__device__ __forceinline__ int64_t chunk_pointers(const TensorListMetadata<D>& tl, T* (&ptrs)[D]) {
+template <int D, bool kLarge, typename T>
+__device__ __forceinline__ int64_t chunk_pointers(const TensorListMetadata<D, kLarge>& tl, T* (&ptrs)[D]) {
   const int t = tl.block_to_tensor[blockIdx.x];
   const int64_t offset = static_cast<int64_t>(tl.block_to_chunk[blockIdx.x]) * kChunkSize;
   for (int d = 0; d < D; ++d) ptrs[d] = static_cast<T*>(tl.addresses[d][t]) + offset;
@@ -63,9 +63,10 @@ __device__ __forceinline__ void elementwise_chunk(T* const (&p)[D], int64_t n, c
   }
 }
 
-template <int D, typename Functor, typename... Args>
+// One block per chunk; `tl` in either kernel-argument layout (mta_plan.h).
+template <int D, bool kLarge, typename Functor, typename... Args>
 __global__ void __launch_bounds__(kBlockSize)
-    multi_tensor_kernel(const __grid_constant__ TensorListMetadata<D> tl, int64_t block_offset, Functor f,
+    multi_tensor_kernel(const __grid_constant__ TensorListMetadata<D, kLarge> tl, int64_t block_offset, Functor f,
                         Args... args) {
   f(tl, block_offset, args...);
 }

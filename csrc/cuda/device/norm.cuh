@@ -27,11 +27,12 @@ __device__ __forceinline__ M block_sum(M v) {
 // D = 1: sum g^2.  D = 2 (ASAM): sum ((|w| + eta) g)^2 over lists (g, w).
 template <typename T, int D>
 struct SumSquaresFunctor {
-  __device__ void operator()(const TensorListMetadata<D>& tl, int64_t block_offset, double* partials,
+  template <bool kLarge>
+  __device__ void operator()(const TensorListMetadata<D, kLarge>& tl, int64_t block_offset, double* partials,
                              double eta_a) const {
     using M = math_t<T>;
     T* p[D];
-    const int64_t n = chunk_pointers<D, T>(tl, p);
+    const int64_t n = chunk_pointers(tl, p);
     const M eta = static_cast<M>(eta_a);
     M acc = 0;
     elementwise_chunk<D, 0>(p, n, [&](M(&x)[D]) {

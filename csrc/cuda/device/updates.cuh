@@ -23,11 +23,12 @@ struct DeviceScalar {
 // A non-finite norm leaves w as it is (0 * NaN would be NaN).
 template <typename T, bool kAdaptive>
 struct PerturbFunctor {
-  __device__ void operator()(const TensorListMetadata<3>& tl, int64_t, DeviceScalar norm, double rho,
+  template <bool kLarge>
+  __device__ void operator()(const TensorListMetadata<3, kLarge>& tl, int64_t, DeviceScalar norm, double rho,
                              double eta_a) const {
     using M = math_t<T>;
     T* p[3];
-    const int64_t n = chunk_pointers<3, T>(tl, p);
+    const int64_t n = chunk_pointers(tl, p);
     const double nv = norm.get();
     const bool finite = isfinite(nv);
     const M scale = static_cast<M>(rho / (nv + 1e-16));
@@ -50,10 +51,11 @@ struct PerturbFunctor {
 // Lists (dst, src): dst <- src. The round trip through math precision is exact.
 template <typename T>
 struct CopyFunctor {
-  __device__ void operator()(const TensorListMetadata<2>& tl, int64_t) const {
+  template <bool kLarge>
+  __device__ void operator()(const TensorListMetadata<2, kLarge>& tl, int64_t) const {
     using M = math_t<T>;
     T* p[2];
-    const int64_t n = chunk_pointers<2, T>(tl, p);
+    const int64_t n = chunk_pointers(tl, p);
     elementwise_chunk<2, 0b01, 0b10>(p, n, [](M(&x)[2]) { x[0] = x[1]; });  // dst is only written
   }
 };
@@ -61,10 +63,11 @@ struct CopyFunctor {
 // Lists (g, g_H): g <- g + g_H.
 template <typename T>
 struct AddFunctor {
-  __device__ void operator()(const TensorListMetadata<2>& tl, int64_t) const {
+  template <bool kLarge>
+  __device__ void operator()(const TensorListMetadata<2, kLarge>& tl, int64_t) const {
     using M = math_t<T>;
     T* p[2];
-    const int64_t n = chunk_pointers<2, T>(tl, p);
+    const int64_t n = chunk_pointers(tl, p);
     elementwise_chunk<2, 0b01>(p, n, [](M(&x)[2]) { x[0] += x[1]; });
   }
 };
@@ -80,10 +83,11 @@ struct SgdArgs {
 template <typename T, bool kHead, bool kMomentum>
 struct SgdFunctor {
   static constexpr int D = 3 + kHead + kMomentum;
-  __device__ void operator()(const TensorListMetadata<D>& tl, int64_t, SgdArgs a) const {
+  template <bool kLarge>
+  __device__ void operator()(const TensorListMetadata<D, kLarge>& tl, int64_t, SgdArgs a) const {
     using M = math_t<T>;
     T* p[D];
-    const int64_t n = chunk_pointers<D, T>(tl, p);
+    const int64_t n = chunk_pointers(tl, p);
     if (a.found_inf_ptr != nullptr && *a.found_inf_ptr != 0.0f) {
       elementwise_chunk<D, 0b1, 0b100>(p, n, [](M(&x)[D]) { x[0] = x[2]; });
       return;
