@@ -13,6 +13,15 @@ if not torch.cuda.is_available():
 
 import imbsam  # noqa: E402
 
+# GPU results compared bitwise or to rounding must not depend on cuDNN's choice of
+# algorithm or on TF32 (10-bit mantissas in fp32 convolutions and matmuls). Set here, at
+# conftest import, so that every process running tests has it: each pytest-xdist worker
+# imports this file, and no test's outcome depends on which file ran first.
+torch.backends.cudnn.deterministic = True
+torch.backends.cudnn.benchmark = False
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 # torch.compile functionalizes an op that mutates a list of tensors only from torch 2.5
 # (auto_functionalize of Tensor(a!)[]); 2.4 rejects every imbsam op when tracing.
 COMPILES_MUTABLE_LISTS = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)

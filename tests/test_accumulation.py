@@ -22,16 +22,6 @@ SGD_KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
 MICRO = 4  # k: each batch of 16 as 4 micro-batches of 4
 
 
-@pytest.fixture(autouse=True)
-def _fp32_convolutions():
-    # On a GPU cuDNN may run fp32 convolutions in TF32 (10-bit mantissa), which would set a
-    # micro-batch apart from the whole batch by far more than the order of a sum.
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = tf32
-
-
 def cnn_without_batchnorm(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
