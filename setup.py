@@ -2,13 +2,16 @@
 
 Environment switches:
   IMBSAM_BUILD_CUDA=0   skip the CUDA kernels (fast local loops); =1 require them.
-  TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default below).
+  TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default: the visible GPUs', else
+                        RELEASE_ARCHS below; scripts/quickstart.sh builds 9.0+PTX alone
+                        on a machine without a GPU, which is all its tests read).
   MAX_JOBS              parallel compile jobs (ninja); defaults to the core count.
 """
 from __future__ import annotations
 
 import glob
 import os
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -55,13 +58,36 @@ def _want_cuda() -> bool:
     return possible
 
 
+# A release build carries machine code for each GPU generation the toolkit supports from
+# Volta on (data-centre and consumer parts alike), plus PTX of the newest for GPUs after it.
+RELEASE_ARCHS = ("7.0", "7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
+
+
+def _toolkit_archs() -> set[str]:
+    """The compute capabilities this nvcc can compile for ("7.5", "9.0", ...)."""
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return set()
+    found = set()
+    for name in out.split():
+        digits = name.rpartition("_")[2].rstrip("af")
+        if digits.isdigit():
+            found.add(f"{digits[:-1]}.{digits[-1]}")
+    return found
+
+
 def _default_arch_list() -> str:
-    # Each architecture adds a full device compile. Without a visible GPU we build for
-    # Hopper (the cards this project measures on) plus PTX that newer GPUs JIT-compile.
+    # With GPUs visible, their own architectures only (a local build, fast). Without, the
+    # release set: a build machine without a GPU must not produce a library that fails
+    # with "no kernel image" on an A100, L40 or RTX 4090. (CI builds one explicit arch.)
     if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        return f"{major}.{minor}"
-    return "9.0+PTX"
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in caps)
+    supported = _toolkit_archs()
+    archs = [a for a in RELEASE_ARCHS if a in supported] or ["9.0"]
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
 
 
 def _has_pre_volta(arch_list: str) -> bool:
@@ -96,7 +122,10 @@ def extensions():
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list())
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        # --fmad=false: no fused multiply-adds in device code (-ffp-contract=off reaches only
+        # the host compiler), so the GPU rounds w + scale * g like the reference; the
+        # kernels are memory-bound, so the separate multiply and add cost nothing.
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]
         if _has_pre_volta(os.environ["TORCH_CUDA_ARCH_LIST"]):
             nvcc_flags.append("-DIMBSAM_MTA_LARGE_ARGS=0")
         print(f"imbsam: building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")

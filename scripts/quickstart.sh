@@ -18,6 +18,12 @@ echo "== installing requirements (torch pinned in requirements.txt)"
 "$PY" -m pip install -q -r requirements.txt
 
 # torch finds nvcc through CUDA_HOME; toolkits in /usr/local/cuda-X.Y are found by setup.py.
+# Without a GPU nothing here runs the CUDA kernels: one architecture (Hopper, whose SASS
+# the tests read) keeps the build about a minute; setup.py's default would build the
+# release set. With a GPU, setup.py builds for the GPUs it sees.
+if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2> /dev/null; then
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0+PTX}
+fi
 echo "== building imbsam._C (IMBSAM_BUILD_CUDA=${IMBSAM_BUILD_CUDA:-auto}, MAX_JOBS=${MAX_JOBS:-$(nproc)})"
 start=$(date +%s)
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
