@@ -123,7 +123,7 @@ def test_triton_tables_outlive_a_captured_graph():
         full_step("sam", model, opt, None, x, y)
     # Push every entry out of the cache, free its memory and write over what was freed.
     pairs = [(torch.randn(5, device="cuda"), torch.randn(5, device="cuda"))  # alive: distinct addresses
-             for _ in range(2 * triton_ops._TABLE_CACHE_SIZE)]
+             for _ in range(2 * triton_ops._PLANS_SIZE)]
     for a, b in pairs:
         triton_ops.restore_([a], [b])
     torch.cuda.synchronize()
@@ -165,3 +165,52 @@ def test_fp32_updates_round_like_the_reference_bit_for_bit(backend):
     ops.restore_sgd_step_(fast_w, g, b, h, fast_buf, *args)
     reference.restore_sgd_step_(ref_w, g, b, h, ref_buf, *args)
     assert all(torch.equal(x, y) for x, y in zip(fast_w + fast_buf, ref_w + ref_buf)), backend
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="needs the triton backend on CUDA")
+def test_triton_tables_built_in_a_capture_stay_out_of_the_eager_cache():
+    # A capture's table copies run only at replay: an eager call must never read them.
+    from imbsam import triton_ops
+
+    a, b = torch.randn(70001, device="cuda"), torch.randn(70001, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        triton_ops.restore_([a], [b])
+    in_eager = [k for k in triton_ops._PLANS if a.data_ptr() in k[1]]
+    in_capture = [k for k in triton_ops._CAPTURE_PLANS if a.data_ptr() in k[1]]
+    assert not in_eager and in_capture
+    b.fill_(3.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (a == 3.0).all()
+    b.fill_(5.0)
+    triton_ops.restore_([a], [b])  # eager: builds its own tables
+    torch.cuda.synchronize()
+    assert (a == 5.0).all()
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="needs the triton backend on CUDA")
+def test_triton_tables_built_on_one_stream_are_used_safely_on_another():
+    from imbsam import triton_ops
+
+    a, b = torch.zeros(300001, device="cuda"), torch.randn(300001, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        triton_ops.restore_([a], [b])  # the tables are built (copied) on the side stream
+    a.zero_()  # on the default stream, which has not waited for the side stream yet
+    torch.cuda.current_stream().wait_stream(side)
+    triton_ops.restore_([a], [b])  # the same tables, now on the default stream
+    torch.cuda.synchronize()
+    assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("triton" not in GPU_BACKENDS or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_runs_on_the_tensors_device_not_the_current_one():
+    from imbsam import triton_ops
+
+    a, b = torch.zeros(1000, device="cuda:1"), torch.randn(1000, device="cuda:1")
+    with torch.cuda.device(0):
+        triton_ops.restore_([a], [b])
+    torch.cuda.synchronize(1)
+    assert torch.equal(a, b)

@@ -200,3 +200,30 @@ def test_opcheck(backend, device, ops):
     opcheck(op("add_head_grads_"), (g, h))
     opcheck(op("restore_sgd_step_"), (p, g, b, h, m, 0.1, 0.9, 0.0, 1e-3, True, False, False),
             dict(lr_tensor=torch.tensor(0.1, device=device), found_inf=torch.zeros((), device=device)))
+
+
+def views(values, device, misalign):
+    """Each tensor as a view into a buffer of its own, one element in where misalign[i]
+    (4 or 8 bytes: off the 16-byte alignment the vector paths need)."""
+    out = []
+    for v, off in zip(values, misalign):
+        buf = torch.zeros(v.numel() + 1, dtype=v.dtype, device=device)
+        view = buf[int(off):int(off) + v.numel()]
+        view.copy_(v)
+        out.append(view)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_misaligned_tensors_beside_aligned_ones(backend, device, ops, dtype):
+    sizes = [65537, 7, 278011, 1000]
+    misalign = [False, True, False, True]  # a gradient that is a view into a bucket, say
+    w0, g, b, buf0 = (make(sizes, dtype, "cpu", s) for s in (30, 31, 32, 33))
+    args = (0.1, 0.9, 0.0, 1e-3, True, False, False)
+    fast_w, fast_buf = views(w0, device, misalign), views(buf0, device, [not m for m in misalign])
+    ops.restore_sgd_step_(fast_w, views(g, device, misalign), views(b, device, misalign), [], fast_buf, *args)
+    ref_w, ref_buf = [t.clone() for t in w0], [t.clone() for t in buf0]
+    reference.restore_sgd_step_(ref_w, g, b, [], ref_buf, *args)
+    # A few roundings of the values' scale (|w| and |buf| stay below about 6 here).
+    tol = 4 * torch.finfo(tol_dtype(backend, dtype)).eps * 6
+    assert max_err(fast_w, ref_w) <= tol and max_err(fast_buf, ref_buf) <= tol

@@ -95,7 +95,14 @@ def test_no_kernel_fuses_a_multiply_and_an_add(compiled, dtype):
             assert not compiled[f"{name}/{dtype}/{access}"][1], (name, dtype, access)
 
 
-def test_the_host_vouches_for_alignment_only_when_every_address_is_aligned():
-    base = torch.zeros(64)
-    assert triton_ops._Tables([[base[:32]], [base[32:]]]).aligned  # 128 bytes in
-    assert not triton_ops._Tables([[base[:32]], [base[1:33]]]).aligned  # 4 bytes in
+def test_alignment_is_decided_per_tensor():
+    base = torch.zeros(256)
+    aligned = [base[:32], base[64:96]]  # 0 and 256 bytes in
+    plan = triton_ops._build_plan([[base[:32]], [base[32:64]]])  # 128 bytes in: aligned
+    assert [tab.aligned for _, _, tab in plan] == [True]
+    # One tensor 4 bytes in (a view into a bucket, say) takes the scalar path alone: the
+    # others stay on the 16-byte path in a launch of their own.
+    params = [aligned[0], base[129:161], aligned[1]]
+    grads = [base[96:128], base[160:192], base[192:224]]
+    plan = triton_ops._build_plan([params, grads])
+    assert sorted((tab.aligned, tab.n_chunks, len(tab.sizes)) for _, _, tab in plan) == [(False, 1, 1), (True, 2, 2)]
