@@ -39,5 +39,5 @@ step_bench resnet34 40
 stage bench_ops 40 "$PY" benchmarks/bench_ops.py --device cuda --dtypes float32,bfloat16 --out "$OUT/ops.json"
 stage train_iter 60 "$PY" benchmarks/bench_train_iter.py --device cuda --reps 30 --out "$OUT/train_iter.json"
 step_bench vit_b_16 50
-stage python_overhead 20 "$PY" benchmarks/bench_python_overhead.py --device cuda --out "$OUT/python_overhead.json"
+stage python_overhead 30 "$PY" benchmarks/bench_python_overhead.py --device cuda --backends cuda,triton --rounds 3 --out "$OUT/python_overhead.json"
 echo "== done" | tee -a "$LOG"

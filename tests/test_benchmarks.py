@@ -8,6 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+import imbsam
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import plot_results  # noqa: E402
@@ -58,6 +62,15 @@ def test_python_overhead(tmp_path):
     records = run_benchmark(tmp_path, "bench_python_overhead.py", "--model", "resnet32", "--steps", "2")
     assert {(r["method"], r["part"]) for r in records} == {(m, p) for m in ("sam", "imbsam") for p in ("step", "ops")}
     assert plot_results.plot_file(str(tmp_path / "records.json"), str(tmp_path)) is None
+
+
+@pytest.mark.skipif("triton" not in imbsam.available_backends(), reason="needs the triton backend")
+def test_python_overhead_of_triton_with_stubbed_launches_beside_cpp(tmp_path):
+    records = run_benchmark(tmp_path, "bench_python_overhead.py", "--model", "resnet32", "--steps", "2",
+                            "--rounds", "1", "--backends", "cpp,triton", "--stub-launches")
+    assert {r["backend"] for r in records} == {"cpp", "triton"}
+    triton = [r for r in records if r["backend"] == "triton"]
+    assert all(r["stub_launches"] and r["launches_per_step"] >= 3 for r in triton)  # norm, perturb, SGD step
 
 
 def test_train_iter(tmp_path):
