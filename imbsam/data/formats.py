@@ -37,13 +37,38 @@ def write_idx(path: str, array: np.ndarray) -> None:
         f.write(header + array.tobytes())
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only what CIFAR's python batches hold: dicts, lists, strings, numbers and
+    numpy arrays. Any other global a pickle names (os.system, say) is refused, so a file
+    that is not what it claims to be cannot run code, even past a failed checksum."""
+
+    # numpy's array reconstruction, under numpy 1 (numpy.core) and 2 (numpy._core) names.
+    ALLOWED = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+               for name in ("_reconstruct", "scalar")} | {
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode")}  # how protocol 2 spells bytes (an array's buffer) for Python 3: no code runs
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only arrays, "
+                                         "lists, strings and numbers")
+        return super().find_class(module, name)
+
+
 def read_cifar_batch(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR python pickle: images (N, 3, 32, 32) uint8 and labels (N,) int64.
 
-    ``label_key`` is ``labels`` for CIFAR-10 and ``fine_labels`` for CIFAR-100.
+    ``label_key`` is ``labels`` for CIFAR-10 and ``fine_labels`` for CIFAR-100. Read with a
+    restricted unpickler: nothing in the file can run code.
     """
     with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+        try:
+            entry = _CifarUnpickler(f, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"{path}: not a CIFAR python batch ({type(exc).__name__}: {exc})") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: not a CIFAR batch (a pickled {type(entry).__name__}, not a dict)")
     if "data" not in entry or label_key not in entry:
         raise ValueError(f"{path}: not a CIFAR batch with 'data' and {label_key!r} (keys: {sorted(entry)})")
     images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
