@@ -236,3 +236,64 @@ def test_a_closure_that_raises_at_the_perturbed_point_leaves_w(kind):
     assert not opt.state_dict()["state"]
     opt.step(closure)  # the closure fails only on its second call: this step runs
     assert any(not torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+@pytest.mark.parametrize("eta,error", [(float("nan"), ValueError), (-0.01, ValueError), (float("inf"), ValueError),
+                                       ("0.01", TypeError), (True, TypeError)])
+def test_bad_adaptive_eta(eta, error):
+    # NaN used to be accepted: every norm NaN, every step skipped, the model never trained.
+    with pytest.raises(error, match="adaptive_eta must be a finite float >= 0|adaptive_eta must be a float"):
+        imbsam.SAM(params(), torch.optim.SGD, rho=0.05, adaptive=True, adaptive_eta=eta, lr=0.1)
+
+
+@pytest.mark.parametrize("adaptive", ["yes", 2, None])
+def test_bad_adaptive(adaptive):
+    with pytest.raises(TypeError, match="adaptive must be True or False"):
+        imbsam.SAM(params(), torch.optim.SGD, rho=0.05, adaptive=adaptive, lr=0.1)
+    with pytest.raises(TypeError, match="adaptive must be True or False"):
+        imbsam.SAM([{"params": params(), "adaptive": adaptive}], torch.optim.SGD, lr=0.1)
+
+
+def test_a_group_rho_changed_to_nan_is_refused_before_any_write():
+    model = torch.nn.Linear(4, 2)
+    opt = imbsam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["rho"] = float("nan")
+    with pytest.raises(ValueError, match="rho must be a finite float >= 0, got nan"):
+        opt.first_step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_imbsam_first_step_twice_is_refused():
+    model = torch.nn.Linear(4, 2)
+    opt = imbsam.ImbSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.first_step()
+    model(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"first_step\(\) twice: the head gradients of the first call"):
+        opt.first_step()
+    opt.abandon_step()
+    opt.first_step()  # after abandon_step a step starts afresh
+
+
+def test_load_state_dict_of_a_plain_sgd_fills_the_defaults():
+    model = torch.nn.Linear(4, 2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 4)).sum().backward()
+    sgd.step()
+    opt = imbsam.SAM(model.parameters(), torch.optim.SGD, rho=0.07, lr=0.1, momentum=0.9)
+    opt.load_state_dict(sgd.state_dict())  # used to raise KeyError('rho') after loading
+    assert opt.param_groups[0]["rho"] == 0.07 and opt.param_groups[0]["adaptive"] is False
+    assert torch.equal(opt.state[model.weight]["momentum_buffer"], sgd.state[model.weight]["momentum_buffer"])
+
+
+def test_load_state_dict_with_a_bad_rho_changes_nothing():
+    model = torch.nn.Linear(4, 2)
+    opt = imbsam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    bad = opt.state_dict()
+    bad["param_groups"][0]["rho"] = -1.0
+    bad["param_groups"][0]["lr"] = 123.0
+    with pytest.raises(ValueError, match="rho must be a finite float >= 0, got -1.0"):
+        opt.load_state_dict(bad)
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["rho"] == 0.05

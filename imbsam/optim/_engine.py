@@ -28,11 +28,31 @@ def _has_none(xs) -> bool:
     return False
 
 
+def _check_finite_nonnegative(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__} {value!r}")
+    if not value >= 0 or value == float("inf"):  # also rejects NaN
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+
+
 def check_rho(rho) -> None:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
-        raise TypeError(f"rho must be a float >= 0, got {type(rho).__name__} {rho!r}")
-    if not rho >= 0 or rho == float("inf"):  # also rejects NaN
-        raise ValueError(f"rho must be a finite float >= 0, got {rho!r}")
+    _check_finite_nonnegative("rho", rho)
+
+
+def check_adaptive_eta(adaptive_eta) -> None:
+    # A NaN eta would make every norm NaN, and every step would be skipped in silence.
+    _check_finite_nonnegative("adaptive_eta", adaptive_eta)
+
+
+def check_adaptive(adaptive) -> None:
+    if not (isinstance(adaptive, bool) or (type(adaptive) is int and adaptive in (0, 1))):
+        raise TypeError(f"adaptive must be True or False, got {type(adaptive).__name__} {adaptive!r}")
+
+
+def check_group_hypers(group: dict, defaults: dict) -> None:
+    """A param group's own rho / adaptive (or the defaults it inherits)."""
+    check_rho(group.get("rho", defaults["rho"]))
+    check_adaptive(group.get("adaptive", defaults["adaptive"]))
 
 
 def check_base_optimizer(base_optimizer) -> None:
@@ -76,9 +96,13 @@ class SharpnessEngine:
                  adaptive_eta: float = 0.01, phase_names: Optional[dict[str, str]] = None):
         backends.check_backend_name(backend)
         check_rho(rho)
+        check_adaptive(adaptive)
+        check_adaptive_eta(adaptive_eta)
         self.base = base_optimizer
         self.backend = backend
         self.defaults = dict(rho=rho, adaptive=bool(adaptive), adaptive_eta=float(adaptive_eta))
+        for group in base_optimizer.param_groups:
+            check_group_hypers(group, self.defaults)
         # Per parameter: (backup, the parameter's storage pointer it was made for). Keyed by
         # id(p): a Tensor's __hash__ is a Python call, and the param groups keep every p alive.
         self.backups: dict[int, tuple[Tensor, int]] = {}
@@ -244,6 +268,8 @@ class SharpnessEngine:
         self._check_phase("perturb")
         self._run_phase_hooks("perturb")
         gathered, device = self._gather()
+        for _, group, _, _ in gathered:  # a group's rho may have been changed since: before any write
+            check_group_hypers(group, self.defaults)
         self._perturbed = {}
         if device is None:
             self.norm = self._step_norm = None
@@ -294,6 +320,10 @@ class SharpnessEngine:
             raise RuntimeError(f"imbsam: {names[phase]}() {by} while the weights are still perturbed (at w + e): "
                                f"perturbing again would lose w; call {names['step']}() to finish the step, or "
                                "abandon_step() to restore w without one")
+        if phase == "head" and last == "head":
+            raise RuntimeError(f"imbsam: {names['head']}() twice: the head gradients of the first call are set "
+                               f"aside and would be replaced; call {names['perturb']}() next, or abandon_step() "
+                               "to drop them")
         if phase == "perturb" and "head" in names and last != "head":
             raise RuntimeError(f"imbsam: {names['perturb']}() without {names['head']}(): the head gradients were "
                                f"not set aside; call {names['head']}() after the head loss's backward")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from imbsam.optim._engine import SAM_PHASES, SharpnessEngine, check_base_optimizer, check_rho
+from imbsam.optim._engine import (SAM_PHASES, SharpnessEngine, check_adaptive, check_adaptive_eta,
+                                  check_base_optimizer, check_group_hypers, check_rho)
 
 
 class SharpnessOptimizer(torch.optim.Optimizer):
@@ -20,10 +21,12 @@ class SharpnessOptimizer(torch.optim.Optimizer):
     def __init__(self, params, base_optimizer, rho: float, adaptive: bool, adaptive_eta: float, backend: str,
                  **kwargs):
         check_rho(rho)
+        check_adaptive(adaptive)
+        check_adaptive_eta(adaptive_eta)
         check_base_optimizer(base_optimizer)
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **kwargs))
         for group in self.param_groups:
-            check_rho(group["rho"])
+            check_group_hypers(group, self.defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self._share_base()
         self.defaults.update(self.base_optimizer.defaults)
@@ -63,7 +66,12 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict) -> None:
+        for group in state_dict.get("param_groups", []):  # checked before anything is loaded
+            check_group_hypers(group, self.defaults)
         self.base_optimizer.load_state_dict(state_dict)
         self._share_base()  # the base built new group dicts: share them again
         for group in self.param_groups:
-            check_rho(group["rho"])
+            # A plain base optimizer's state dict (torch.optim.SGD's, say) has no rho or
+            # adaptive: its groups take this optimizer's defaults.
+            group.setdefault("rho", self.defaults["rho"])
+            group.setdefault("adaptive", self.defaults["adaptive"])
