@@ -297,3 +297,63 @@ def test_load_state_dict_with_a_bad_rho_changes_nothing():
     with pytest.raises(ValueError, match="rho must be a finite float >= 0, got -1.0"):
         opt.load_state_dict(bad)
     assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["rho"] == 0.05
+
+
+class TwoParts(torch.nn.Module):
+    """Two linear maps on the same input, each in its own param group and dtype."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.a(x.to(self.a.weight.dtype)).square().sum() + self.b(x.to(self.b.weight.dtype)).square().sum()
+
+    def groups(self):
+        return [{"params": self.a.parameters()}, {"params": self.b.parameters()}]
+
+
+def backward(model):
+    model.zero_grad(set_to_none=True)
+    model(torch.randn(4, 6)).backward()
+
+
+# The fused backends reject the mismatch; torch.optim.SGD itself (the reference backend's
+# path) adds fp64 into an fp32 buffer without complaint.
+@pytest.mark.parametrize("backend", [b for b in imbsam.available_backends() if b != "reference"])
+@pytest.mark.parametrize("cls", [imbsam.SAM, imbsam.ImbSAM])
+def test_a_rejected_last_phase_leaves_the_step_to_retry_or_abandon(backend, cls):
+    model = TwoParts()
+    opt = cls(model.groups(), torch.optim.SGD, rho=0.05, backend=backend, lr=0.1, momentum=0.9)
+    phases = [opt.first_step, opt.second_step] + ([opt.third_step] if cls is imbsam.ImbSAM else [])
+    for phase in phases:  # one full step: the momentum buffers exist, in fp32
+        backward(model)
+        phase()
+    model.b.double()  # the second group's params become fp64; their buffers stay fp32
+    w = [p.detach().clone() for p in model.parameters()]
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    for phase in phases[:-1]:
+        backward(model)
+        phase()
+    backward(model)
+    with pytest.raises(TypeError, match=r"momentum_buffers\[0\] is (Float|torch.float32) but params\[0\] is (Double|torch.float64)"):
+        phases[-1]()
+    # Neither group stepped (the first one's input was fine), the base state is untouched,
+    # and the step can still be abandoned: exactly w again.
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(model.parameters(), bufs))
+    opt.abandon_step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+
+
+@pytest.mark.parametrize("backend", imbsam.available_backends())
+def test_parameters_on_two_devices_are_refused_before_any_write(backend):
+    model = TwoParts()
+    model.b.to("meta")
+    opt = imbsam.SAM(model.groups(), torch.optim.SGD, rho=0.05, backend=backend, lr=0.1)
+    model.a.weight.grad = torch.ones_like(model.a.weight)
+    model.b.weight.grad = torch.ones_like(model.b.weight)
+    before = model.a.weight.detach().clone()
+    with pytest.raises(ValueError, match="parameters are on more than one device .cpu and meta."):
+        opt.first_step()
+    assert torch.equal(model.a.weight, before)

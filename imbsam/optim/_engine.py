@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from imbsam import backends
+from imbsam import _validate, backends
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
@@ -161,8 +161,14 @@ class SharpnessEngine:
             if _has_none(grads):  # frozen or unused parameters
                 keep = [j for j, g in enumerate(grads) if g is not None]
                 params, grads = [params[j] for j in keep], [grads[j] for j in keep]
-            if device is None and params:
-                device = params[0].device
+            if params:
+                device = device or params[0].device
+                # One device for the whole optimizer, checked here for every backend before any
+                # write: one group on another device used to be stepped with garbage norms.
+                if len(set(map(_validate.device_of, params))) > 1 or params[0].device != device:
+                    other = next(p.device for p in params if p.device != device)
+                    raise ValueError(f"imbsam: parameters are on more than one device ({device} and {other}); "
+                                     "one optimizer handles the parameters of one device")
             out.append((i, group, params, grads))
         return out, device
 
@@ -208,12 +214,8 @@ class SharpnessEngine:
 
     def _check_for_reference(self, gathered, device: torch.device) -> None:
         # The reference ops check nothing: do here what the compiled ops do in C++.
-        for _, _, params, grads in gathered:
+        for _, _, params, grads in gathered:  # _gather has checked their devices
             self._fix_layouts(params, grads)
-            for p in params:
-                if p.device != device:
-                    raise ValueError(f"imbsam: parameters are on more than one device ({device} and {p.device}); "
-                                     "one optimizer handles the parameters of one device")
 
     def _ops(self, gathered, device: torch.device):
         backend = self.concrete_backend(device)
@@ -356,14 +358,17 @@ class SharpnessEngine:
             raise ValueError(f"found_inf must hold one value (a 0-d flag), got shape {tuple(found_inf.shape)}")
         self._check_phase("step")
         self._restore_and_step(with_head, found_inf)
-        self.phase = "idle"  # only when done: a rejected input leaves the weights perturbed, to retry
+        # Only when done: a rejected input leaves the step as it was (the backups, the
+        # norm, g_H), so that a retry takes the same step and abandon_step() restores w.
+        self._perturbed, self._step_norm = {}, None
+        if with_head:
+            self.head_grads = {}
+        self.phase = "idle"
 
     def _restore_and_step(self, with_head: bool, found_inf: Optional[Tensor]) -> None:
         self._run_phase_hooks("step")
-        perturbed, self._perturbed = self._perturbed, {}
-        norm, self._step_norm = self._step_norm, None
+        perturbed, norm = self._perturbed, self._step_norm
         heads = self.head_grads if with_head else {}
-        self.head_grads = {} if with_head else self.head_grads
         gathered, device = self._gather()
         # Before the lists below are built: the reference backend's checks may replace a gradient.
         backend_and_ops = self._ops(gathered, device) if device is not None else None
@@ -387,21 +392,43 @@ class SharpnessEngine:
         ops.restore_(restore_params, restore_backups)
         if backend != "reference" and self._fused_sgd_possible():
             skip = self._skip_flag(norm, found_inf, device)
+            created: list[Tensor] = []  # parameters given a first momentum buffer by this step
+            calls = [c for group, ps, gs, bs, hs in groups for c in self._fused_sgd(group, ps, gs, bs, hs, skip, created)]
+            try:
+                if len(calls) > 1:  # each op checks its own input; a later one must not reject after a write
+                    for call in calls:
+                        self._precheck_sgd_step(*call[1:])
+                for call in calls:
+                    self._guarded(lambda: ops.restore_sgd_step_(*call[1:]), call[0])
+            except BaseException:
+                for p in created:  # a rejected step leaves the base optimizer's state as it was
+                    self.base.state[p].pop("momentum_buffer", None)
+                raise
+            return
+        # The combined gradient goes into new tensors, the tail's kept: a base step that
+        # raises leaves .grad as it was, so that a retry does not add g_H twice.
+        replaced: list[tuple[Tensor, Tensor]] = []
+        try:
             for group, ps, gs, bs, hs in groups:
-                self._fused_sgd(ops, group, ps, gs, bs, hs, skip)
-            return
-        for group, ps, gs, bs, hs in groups:
-            ops.restore_(ps, bs)
-            if hs is not None:
-                with_h = [j for j, h in enumerate(hs) if h is not None]
-                ps_h, gs_h, hs_h = [ps[j] for j in with_h], [gs[j] for j in with_h], [hs[j] for j in with_h]
-                self._guarded(lambda: ops.add_head_grads_(gs_h, hs_h), [(ps_h, gs_h, True), (ps_h, hs_h, False)])
-        # A non-finite perturbation gradient skips the base step (weights stay restored).
-        # Reading the flag syncs with the device; the fused SGD path above never does.
-        skip = self._skip_flag(norm, found_inf, device)
-        if skip is not None and bool(skip != 0):
-            return
-        self.base.step()
+                ops.restore_(ps, bs)  # a copy from the backups: repeating it is harmless
+                if hs is not None:
+                    with_h = [j for j, h in enumerate(hs) if h is not None]
+                    ps_h, hs_h = [ps[j] for j in with_h], [hs[j] for j in with_h]
+                    gs_h = [gs[j].clone(memory_format=torch.preserve_format) for j in with_h]
+                    self._guarded(lambda: ops.add_head_grads_(gs_h, hs_h), [(ps_h, gs_h, False), (ps_h, hs_h, False)])
+                    for p, g in zip(ps_h, gs_h):
+                        replaced.append((p, p.grad))
+                        p.grad = g
+            # A non-finite perturbation gradient skips the base step (weights stay restored).
+            # Reading the flag syncs with the device; the fused SGD path above never does.
+            skip = self._skip_flag(norm, found_inf, device)
+            if skip is not None and bool(skip != 0):
+                return
+            self.base.step()
+        except BaseException:
+            for p, g in replaced:
+                p.grad = g
+            raise
 
     def _irregular_group(self, group: dict, plan: Optional[_GroupPlan], head):
         """A group whose parameters with gradients changed between phases, one parameter at a time.
@@ -451,10 +478,12 @@ class SharpnessEngine:
         return type(self.base) is torch.optim.SGD and not any(
             g.get("differentiable", False) for g in self.base.param_groups)
 
-    def _fused_sgd(self, ops, group, ps, gs, bs, hs, found_inf) -> None:
-        """restore_sgd_step_ over one group; ``hs``: head gradients (None entries where absent) or None."""
+    def _fused_sgd(self, group, ps, gs, bs, hs, found_inf, created: list) -> list:
+        """The restore_sgd_step_ calls of one group, to be run by the caller: per call, the
+        pairs _guarded may repair, then the op's arguments. ``hs``: head gradients (None
+        entries where absent) or None. Parameters given a first buffer go into ``created``."""
         if not ps:
-            return
+            return []
         momentum = group["momentum"]
         lr = group["lr"]
         lr_tensor = None
@@ -470,8 +499,9 @@ class SharpnessEngine:
             subsets = defaultdict(list)
             for j in range(len(ps)):
                 subsets[(hs is not None and hs[j] is not None, bufs is not None and bufs[j] is not None)].append(j)
+        calls = []
         for (has_head, has_buf), idx in subsets.items():
-            pick = (lambda xs: xs) if idx is None else (lambda xs: [xs[j] for j in idx])
+            pick = (lambda xs: xs) if idx is None else (lambda xs, idx=idx: [xs[j] for j in idx])
             if momentum != 0 and not has_buf:  # SGD's first step: the op writes buf = d
                 for j in idx:
                     # Zeros, not empty: a skipped first step leaves the buffer as
@@ -479,9 +509,25 @@ class SharpnessEngine:
                     # is SGD's first step exactly when dampening is 0.
                     bufs[j] = state[ps[j]]["momentum_buffer"] = torch.zeros_like(
                         ps[j], memory_format=torch.preserve_format)
+                    created.append(ps[j])
             sp, sg, sh = pick(ps), pick(gs), pick(hs) if has_head else []
             sb, sbuf = pick(bs), pick(bufs) if momentum != 0 else []
-            self._guarded(lambda: ops.restore_sgd_step_(
-                sp, sg, sb, sh, sbuf, lr, momentum, group.get("dampening", 0.0), group.get("weight_decay", 0.0),
-                group.get("nesterov", False), group.get("maximize", False), not has_buf, lr_tensor, found_inf),
-                [(sp, sg, True), (sp, sh, False)] if has_head else [(sp, sg, True)])
+            calls.append(([(sp, sg, True), (sp, sh, False)] if has_head else [(sp, sg, True)],
+                          sp, sg, sb, sh, sbuf, lr, momentum, group.get("dampening", 0.0),
+                          group.get("weight_decay", 0.0), group.get("nesterov", False), group.get("maximize", False),
+                          not has_buf, lr_tensor, found_inf))
+        return calls
+
+    def _precheck_sgd_step(self, ps, gs, bs, hs, bufs, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                           first, lr_tensor, found_inf) -> None:
+        """The checks restore_sgd_step_ makes before it writes, in Python: when a step takes
+        several calls, all of them pass before the first one writes. Gradients laid out
+        unlike their parameters are copied into their layout first, as _guarded would."""
+        op = "restore_sgd_step_"
+        self._fix_layouts(ps, gs)
+        _validate.check_list(op, ps, "params")
+        _validate.check_all_match(op, ps, "params", (gs, "grads"), (bs, "backups"),
+                                  *([(hs, "head_grads")] if hs else []), *([(bufs, "momentum_buffers")] if bufs else []))
+        for name, scalar in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
+            if scalar is not None:
+                _validate.check_scalar_on(op, scalar, name, ps)
