@@ -337,7 +337,8 @@ def test_a_rejected_last_phase_leaves_the_step_to_retry_or_abandon(backend, cls)
         backward(model)
         phase()
     backward(model)
-    with pytest.raises(TypeError, match=r"momentum_buffers\[0\] is (Float|torch.float32) but params\[0\] is (Double|torch.float64)"):
+    rejected = r"momentum_buffers\[0\] is (Float|torch.float32) but params\[0\] is (Double|torch.float64)"
+    with pytest.raises(TypeError, match=rejected):
         phases[-1]()
     # Neither group stepped (the first one's input was fine), the base state is untouched,
     # and the step can still be abandoned: exactly w again.

@@ -393,7 +393,8 @@ class SharpnessEngine:
         if backend != "reference" and self._fused_sgd_possible():
             skip = self._skip_flag(norm, found_inf, device)
             created: list[Tensor] = []  # parameters given a first momentum buffer by this step
-            calls = [c for group, ps, gs, bs, hs in groups for c in self._fused_sgd(group, ps, gs, bs, hs, skip, created)]
+            calls = [call for group, ps, gs, bs, hs in groups
+                     for call in self._fused_sgd(group, ps, gs, bs, hs, skip, created)]
             try:
                 if len(calls) > 1:  # each op checks its own input; a later one must not reject after a write
                     for call in calls:
@@ -527,7 +528,8 @@ class SharpnessEngine:
         self._fix_layouts(ps, gs)
         _validate.check_list(op, ps, "params")
         _validate.check_all_match(op, ps, "params", (gs, "grads"), (bs, "backups"),
-                                  *([(hs, "head_grads")] if hs else []), *([(bufs, "momentum_buffers")] if bufs else []))
+                                  *([(hs, "head_grads")] if hs else []),
+                                  *([(bufs, "momentum_buffers")] if bufs else []))
         for name, scalar in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
             if scalar is not None:
                 _validate.check_scalar_on(op, scalar, name, ps)

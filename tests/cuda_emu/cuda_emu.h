@@ -258,15 +258,16 @@ inline bool complete_shuffles(size_t n_threads) {
       bool ready = true;
       for (unsigned m = 0; m < 32 && ready; ++m) {
         if (!(mask >> m & 1)) continue;
-        if (m >= lanes) return report_false("__shfl_*_sync mask names lane " + std::to_string(m) + ", past the block's last thread");
+        if (m >= lanes)
+          return report_false("__shfl_*_sync mask names lane " + std::to_string(m) + ", past the block's last thread");
         const Fiber& f = warp[m];
         if (f.state == State::kDone)
           return report_false("__shfl_*_sync: lane " + std::to_string(m) + " of warp " + std::to_string(w0 / 32) +
-               " is named in the mask but has exited");
+                              " is named in the mask but has exited");
         if (f.state != State::kShuffle) ready = false;
         else if (f.mask != mask || f.kind != warp[l].kind || f.size != warp[l].size)
-          return report_false("__shfl_*_sync: lanes " + std::to_string(l) + " and " + std::to_string(m) + " of warp " +
-               std::to_string(w0 / 32) + " wait in different shuffles");
+          return report_false("__shfl_*_sync: lanes " + std::to_string(l) + " and " + std::to_string(m) +
+                              " of warp " + std::to_string(w0 / 32) + " wait in different shuffles");
       }
       if (!ready) continue;
       for (unsigned m = 0; m < 32; ++m) {
@@ -286,8 +287,9 @@ inline bool complete_shuffles(size_t n_threads) {
           case Shfl::kIdx: src = base + ((f.arg % width) + width) % width; break;
         }
         if (!(mask >> src & 1))
-          return report_false("__shfl_*_sync: lane " + std::to_string(m) + " of warp " + std::to_string(w0 / 32) + " reads lane " +
-               std::to_string(src) + ", which the mask does not name (its value is undefined on a GPU)");
+          return report_false("__shfl_*_sync: lane " + std::to_string(m) + " of warp " + std::to_string(w0 / 32) +
+                              " reads lane " + std::to_string(src) +
+                              ", which the mask does not name (its value is undefined on a GPU)");
         std::memcpy(f.result, warp[src].value, f.size);
       }
       for (unsigned m = 0; m < 32; ++m)

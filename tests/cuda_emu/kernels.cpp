@@ -85,8 +85,10 @@ int emu_sum_squares(int dtype, int n, void** g, void** w, const int64_t* numels,
 
 // Stage 2: *out = sqrt(sum of n partials), out float64 when out_double else float32.
 int emu_finalize_norm(const double* partials, int64_t n, int out_double, void* out) {
-  if (out_double) cuda_emu::launch(dim3(1), dim3(1024), finalize_norm_kernel<double>, partials, n, static_cast<double*>(out));
-  else cuda_emu::launch(dim3(1), dim3(1024), finalize_norm_kernel<float>, partials, n, static_cast<float*>(out));
+  if (out_double)
+    cuda_emu::launch(dim3(1), dim3(1024), finalize_norm_kernel<double>, partials, n, static_cast<double*>(out));
+  else
+    cuda_emu::launch(dim3(1), dim3(1024), finalize_norm_kernel<float>, partials, n, static_cast<float*>(out));
   return cuda_emu::last_error().empty() ? 0 : -1;
 }
 
