@@ -120,6 +120,11 @@ class SharpnessEngine:
         # anything is written: a second perturbation would back up w + e as the weights.
         self.phase = "idle"
 
+    def settings(self) -> dict:
+        """The constructor's arguments besides the base optimizer: what a copy is built from."""
+        return dict(backend=self.backend, rho=self.defaults["rho"], adaptive=self.defaults["adaptive"],
+                    adaptive_eta=self.defaults["adaptive_eta"], phase_names=self.phase_names)
+
     def register_phase_hook(self, hook: Callable[[str, list, list], None]) -> RemovableHandle:
         """``hook(phase, params, grads)`` runs before a phase reads the gradients.
 

@@ -1,7 +1,10 @@
 """What SAM and ImbSAM share as ``torch.optim.Optimizer`` subclasses around a base optimizer."""
 from __future__ import annotations
 
+import itertools
+
 import torch
+from torch.optim import optimizer as torch_optimizer
 
 from imbsam.optim._engine import (SAM_PHASES, SharpnessEngine, check_adaptive, check_adaptive_eta,
                                   check_base_optimizer, check_group_hypers, check_rho)
@@ -61,6 +64,43 @@ class SharpnessOptimizer(torch.optim.Optimizer):
     def _after_base_step(self) -> None:
         # LR schedulers check that optimizer.step() ran before them; the phases are our step.
         self._opt_called = True
+
+    # Inside step(closure): torch.optim's wrapper of step() has fired the step hooks already.
+    _in_step = False
+
+    def _last_phase(self, with_head: bool, found_inf) -> None:
+        """The phase that takes the step, between torch.optim's step pre- and post-hooks
+        (global ones, then this optimizer's), which fire once per full step: here when the
+        phases are called by hand, around step() when it runs them."""
+        fire = not self._in_step
+        if fire:
+            for hook in itertools.chain(torch_optimizer._global_optimizer_pre_hooks.values(),
+                                        self._optimizer_step_pre_hooks.values()):
+                if hook(self, (), {}) is not None:
+                    raise RuntimeError("imbsam: a step pre-hook returned new arguments, but the phase methods take "
+                                       "none to replace; use it with step(closure), or return None")
+        self._engine.restore_and_step(with_head=with_head, found_inf=found_inf)
+        self._after_base_step()
+        if fire:
+            for hook in itertools.chain(self._optimizer_step_post_hooks.values(),
+                                        torch_optimizer._global_optimizer_post_hooks.values()):
+                hook(self, (), {})
+
+    # copy.deepcopy, pickle and torch.save: the base optimizer (state, param groups) and the
+    # settings travel; the per-step buffers and phase hooks do not (hooks are often lambdas),
+    # so only an optimizer between steps can be copied.
+    def __getstate__(self):
+        if self._engine.phase != "idle":
+            raise TypeError(f"imbsam: cannot copy or pickle {type(self).__name__} in the middle of a step (after "
+                            f"{self._engine.phase_names.get('head', 'first_step')}() or a perturbation): finish the "
+                            "step or call abandon_step() first, or save state_dict() instead")
+        return {"defaults": self.defaults, "base_optimizer": self.base_optimizer, "engine": self._engine.settings()}
+
+    def __setstate__(self, state) -> None:
+        self.base_optimizer = state["base_optimizer"]
+        super().__setstate__({"defaults": state["defaults"]})  # torch.optim's own bookkeeping (hooks)
+        self._share_base()
+        self._engine = SharpnessEngine(self.base_optimizer, **state["engine"])
 
     def state_dict(self):
         return self.base_optimizer.state_dict()

@@ -60,8 +60,7 @@ class SAM(SharpnessOptimizer):
 
         ``found_inf``: an optional 0-d device flag (e.g. a GradScaler's); nonzero skips the step.
         """
-        self._engine.restore_and_step(with_head=False, found_inf=found_inf)
-        self._after_base_step()
+        self._last_phase(with_head=False, found_inf=found_inf)
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
@@ -83,5 +82,9 @@ class SAM(SharpnessOptimizer):
         except BaseException:  # the weights are at w + e: leave them at w
             self.abandon_step()
             raise
-        self.second_step(zero_grad=False)
+        self._in_step = True
+        try:
+            self.second_step(zero_grad=False)
+        finally:
+            self._in_step = False
         return loss
