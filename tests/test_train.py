@@ -95,10 +95,28 @@ def test_checkpoint_every_skips_epochs_in_between(cifar_root, tmp_path, monkeypa
     assert written == [2, 4, 5]  # every second epoch, and the last
 
 
-@pytest.mark.parametrize("bad", [["--checkpoint-every", "0"], ["--time-limit-s", "-1"]])
-def test_bad_run_control_options(cifar_root, tmp_path, bad):
-    with pytest.raises(SystemExit, match=bad[0]):
-        main(args(cifar_root, str(tmp_path / "run"), "--opt", "sgd", *bad))
+@pytest.mark.parametrize("bad", [["--checkpoint-every", "0"], ["--time-limit-s", "-1"], ["--rho", "nan"],
+                                 ["--lr", "-1"], ["--momentum", "inf"], ["--weight-decay", "-0.1"], ["--eta", "0"],
+                                 ["--tail-weight", "nan"], ["--imb-factor", "0.5"], ["--max-epochs-this-run", "0"]])
+def test_bad_numeric_options_are_refused_before_anything_is_loaded(cifar_root, tmp_path, bad, monkeypatch):
+    run_module = sys.modules["imbsam.train.run"]  # the package exports a function of the same name
+
+    def no_load(*a, **k):
+        raise AssertionError("the data was loaded before the options were checked")
+
+    monkeypatch.setattr(run_module, "load_dataset", no_load)
+    with pytest.raises(SystemExit, match=f"{bad[0]} must be a finite number"):
+        main(args(cifar_root, str(tmp_path / "run"), "--opt", "sam", *bad))
+    assert not (tmp_path / "run").exists()  # nothing written either
+
+
+def test_an_out_folder_with_another_runs_log_is_refused(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train.log").write_text("another run's log\n")
+    with pytest.raises(SystemExit, match="train.log exists but no checkpoint does"):
+        main(args(cifar_root, str(out), "--opt", "sgd"))
+    assert (out / "train.log").read_text() == "another run's log\n"
 
 
 def test_missing_data_is_a_clean_exit_that_says_how_to_get_it(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from imbsam.backends import BACKENDS
 from imbsam.data.sources import DATASETS
@@ -64,18 +65,24 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+# The numeric options and what each must be: (option, attribute, lowest allowed, whether the
+# lowest itself is allowed). Checked before anything is loaded or written; NaN and
+# infinities are refused for every float.
+BOUNDS = (
+    ("--epochs", "epochs", 1, True), ("--batch-size", "batch_size", 1, True),
+    ("--eval-every", "eval_every", 1, True), ("--checkpoint-every", "checkpoint_every", 1, True),
+    ("--max-epochs-this-run", "max_epochs_this_run", 1, True), ("--time-limit-s", "time_limit_s", 0, False),
+    ("--imb-factor", "imb_factor", 1, True), ("--rho", "rho", 0, True), ("--eta", "eta", 0, False),
+    ("--tail-weight", "tail_weight", 0, True), ("--lr", "lr", 0, True), ("--momentum", "momentum", 0, True),
+    ("--weight-decay", "weight_decay", 0, True),
+)
+
+
 def validate(args: argparse.Namespace) -> None:
-    if args.epochs < 1:
-        raise SystemExit(f"--epochs must be >= 1, got {args.epochs}")
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.rho < 0:
-        raise SystemExit(f"--rho must be >= 0, got {args.rho}")
-    if args.imb_factor < 1:
-        raise SystemExit(f"--imb-factor must be >= 1, got {args.imb_factor}")
-    if args.checkpoint_every < 1:
-        raise SystemExit(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
-    if args.time_limit_s is not None and args.time_limit_s <= 0:
-        raise SystemExit(f"--time-limit-s must be > 0, got {args.time_limit_s}")
-    if args.eval_every < 1:
-        raise SystemExit(f"--eval-every must be >= 1, got {args.eval_every}")
+    for option, attr, low, inclusive in BOUNDS:
+        value = getattr(args, attr)
+        if value is None:  # an optional one left unset
+            continue
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            relation = ">=" if inclusive else ">"
+            raise SystemExit(f"{option} must be a finite number {relation} {low:g}, got {value!r}")

@@ -81,7 +81,13 @@ def run(args: argparse.Namespace) -> dict | None:
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not args.resume:
         raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    log = Log(os.path.join(args.out, "train.log"))
+    log_path = os.path.join(args.out, "train.log")
+    if os.path.exists(log_path) and not os.path.exists(ckpt_path):
+        # Another run's log (one that stopped before its first checkpoint): appending to it
+        # would mix two runs in one record.
+        raise SystemExit(f"{log_path} exists but no checkpoint does: {args.out} holds another run; choose another "
+                         "--out, or remove that folder to start afresh")
+    log = Log(log_path)
 
     try:
         data = load_dataset(args.dataset, args.data_root, args.imb_factor, download=not args.no_download,
