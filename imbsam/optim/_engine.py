@@ -259,6 +259,10 @@ class SharpnessEngine:
         gathered, device = self._gather()
         if device is not None:
             self._ops(gathered, device)  # the reference backend's checks
+        for _, _, params, grads in gathered:
+            # No op reads g_H yet: refuse a sparse one here, as the other phases do, not at the step.
+            if any(layout is not torch.strided for layout in set(map(_validate.layout_of, grads))):
+                self._fix_layouts(params, grads)
         self.head_grads = {}
         for index, _, params, grads in gathered:
             if not params:
@@ -394,27 +398,34 @@ class SharpnessEngine:
         if device is None:
             return
         backend, ops = backend_and_ops or self._ops(gathered, device)
-        ops.restore_(restore_params, restore_backups)
+        # Parameters perturbed but without a gradient now are only restored: after every
+        # check below has passed, so that a rejected step leaves all weights at w + e.
         if backend != "reference" and self._fused_sgd_possible():
             skip = self._skip_flag(norm, found_inf, device)
             created: list[Tensor] = []  # parameters given a first momentum buffer by this step
             calls = [call for group, ps, gs, bs, hs in groups
                      for call in self._fused_sgd(group, ps, gs, bs, hs, skip, created)]
             try:
-                if len(calls) > 1:  # each op checks its own input; a later one must not reject after a write
+                if len(calls) > 1 or restore_params:  # each op checks its own input: none may reject after a write
                     for call in calls:
                         self._precheck_sgd_step(*call[1:])
+                ops.restore_(restore_params, restore_backups)
                 for call in calls:
                     self._guarded(lambda: ops.restore_sgd_step_(*call[1:]), call[0])
             except BaseException:
                 for p in created:  # a rejected step leaves the base optimizer's state as it was
                     self.base.state[p].pop("momentum_buffer", None)
+                    if not self.base.state[p]:
+                        del self.base.state[p]
                 raise
             return
         # The combined gradient goes into new tensors, the tail's kept: a base step that
         # raises leaves .grad as it was, so that a retry does not add g_H twice.
         replaced: list[tuple[Tensor, Tensor]] = []
+        for _, ps, gs, _, _ in groups:  # what can be refused before anything is written
+            self._fix_layouts(ps, gs)
         try:
+            ops.restore_(restore_params, restore_backups)
             for group, ps, gs, bs, hs in groups:
                 ops.restore_(ps, bs)  # a copy from the backups: repeating it is harmless
                 if hs is not None:
@@ -496,7 +507,8 @@ class SharpnessEngine:
         if isinstance(lr, Tensor):
             lr_tensor, lr = lr.to(device=ps[0].device, dtype=torch.float32), 0.0
         state = self.base.state
-        bufs = [state[p].get("momentum_buffer") for p in ps] if momentum != 0 else None
+        # .get: the base state is a defaultdict, and a look-up must not add entries to it.
+        bufs = [state.get(p, {}).get("momentum_buffer") for p in ps] if momentum != 0 else None
         # The op takes whole lists of head gradients and momentum buffers, or none: one call
         # per (has head gradient, has momentum buffer) subset; usually there is one.
         if (hs is None or not _has_none(hs)) and (bufs is None or not _has_none(bufs)):
