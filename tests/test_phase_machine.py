@@ -175,7 +175,9 @@ class PhaseMachine(RuleBasedStateMachine):
                     assert torch.equal(self.opt._engine.backups[id(p)][0], w)
 
 
-SETTINGS = settings(max_examples=12, stateful_step_count=25, deadline=None,
+# derandomize: the same sequences on every run, so that CI is reproducible (raise
+# max_examples locally to search further); database=None: no .hypothesis/ folder.
+SETTINGS = settings(max_examples=12, stateful_step_count=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 for _kind, _backend in itertools.product(["sam", "asam", "imbsam"], imbsam.available_backends()):
     _machine = type(f"Machine_{_kind}_{_backend}", (PhaseMachine,), {"kind": _kind, "backend": _backend})

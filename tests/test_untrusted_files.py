@@ -59,8 +59,11 @@ def test_a_crafted_checkpoint_runs_no_code(cifar_root, tmp_path):
         assert f.read() == crafted  # left as it was
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", os.urandom(4096)],
-                         ids=["empty", "truncated", "random"])
+RANDOM = [np.random.default_rng(seed).bytes(4096) for seed in range(8)]  # fixed: the same bytes every run
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", *RANDOM],
+                         ids=["empty", "truncated", *(f"random{seed}" for seed in range(8))])
 def test_a_damaged_checkpoint_is_named_and_left_alone(cifar_root, tmp_path, content):
     planted = plant(str(tmp_path / "run"), content)
     with pytest.raises(SystemExit, match=f"--resume: {planted} is not a readable checkpoint"):

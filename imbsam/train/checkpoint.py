@@ -49,7 +49,7 @@ def load_checkpoint(path: str, device: torch.device) -> dict:
         # weights_only refused a global: the file holds something other than data.
         raise SystemExit(f"--resume: {path} holds more than tensors and plain data ({refused[:200]}); refusing "
                          f"to load it, since that could run code; {advice}") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+    except Exception as exc:  # a damaged file fails anywhere in the unpickler (IndexError, KeyError, ...)
         raise SystemExit(f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}: "
                          f"{str(exc).strip()[:200]}); {advice}") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
