@@ -16,7 +16,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture
 def checks(monkeypatch):
-    """Counts the list validations the ops run."""
+    """Counts the list validations the ops run, from an empty plan cache (new tensors may
+    sit at the addresses of earlier tests' freed ones, whose plans would be found)."""
+    monkeypatch.setattr(triton_ops, "_PLANS", {})
     count = [0]
     real = _validate.check_list
 
