@@ -43,6 +43,10 @@ class _Adapter:
         """See ``imbsam.SAM.register_phase_hook``."""
         return self._engine.register_phase_hook(hook)
 
+    def report_found_inf(self, flag) -> None:
+        """See ``imbsam.SAM.report_found_inf``."""
+        self._engine.report_found_inf(flag)
+
     def abandon_step(self) -> None:
         """See ``imbsam.SAM.abandon_step``."""
         self._engine.abandon()

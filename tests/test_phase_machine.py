@@ -9,7 +9,8 @@ backend here. After every action:
 * a rejected call (out of order, bad input) leaves the weights and the base optimizer's
   state exactly as they were;
 * no weight is NaN or infinite: non-finite gradients are fed only where the documented
-  behaviour skips the step (the perturbation's gradient).
+  behaviour skips the step (the perturbation's gradient, ImbSAM's head gradient), and
+  flags reported with ``report_found_inf`` (zero, one, NaN) only skip steps.
 """
 from __future__ import annotations
 
@@ -94,11 +95,17 @@ class PhaseMachine(RuleBasedStateMachine):
     def backward(self):
         self.loss().backward()
 
-    @precondition(lambda self: self.next_phase() == "perturbed")
+    @precondition(lambda self: self.phase != "perturbed")
     @rule(bad=st.sampled_from([float("nan"), float("inf")]))
-    def backward_nonfinite_before_the_perturbation(self, bad):
+    def backward_nonfinite_before_a_phase_that_skips(self, bad):
+        # SAM's g, ImbSAM's g_H or g_T: the step is then skipped (documented).
         self.loss().backward()
-        self.params()[0].grad[0, 0] = bad  # the step is then skipped: documented
+        self.params()[0].grad[0, 0] = bad
+
+    @rule(value=st.sampled_from([0.0, 1.0, float("nan")]))
+    def report_found_inf(self, value):
+        # Accepted only while a step is in progress (outside a phase hook).
+        self.call(lambda: self.opt.report_found_inf(torch.tensor(value)), allowed=self.phase != "idle")
 
     @rule()
     def sparse_gradient(self):

@@ -113,6 +113,11 @@ class SharpnessEngine:
         self.norm: Optional[Tensor] = None  # the last perturbation's gradient norm, on the device
         self._step_norm: Optional[Tensor] = None  # the norm the coming step decides its skip by, used once
         self._perturbed: dict[int, _GroupPlan] = {}  # the plans of the groups the last perturbation moved
+        # ImbSAM's g_H norm, kept only for its finiteness: a non-finite g_H skips the step.
+        self._head_norm: Optional[Tensor] = None
+        # The step's skip flag that hooks report (report_found_inf), combined on the device.
+        self._reported_inf: Optional[Tensor] = None
+        self._hooks_running = False
         self.phase_hooks: OrderedDict[int, Callable] = OrderedDict()
         # The user-facing name of each phase, for errors: SAM's two, or ImbSAM's three with "head".
         self.phase_names = phase_names or SAM_PHASES
@@ -138,12 +143,41 @@ class SharpnessEngine:
         return handle
 
     def _run_phase_hooks(self, phase: str) -> None:
+        if self.phase == "idle":  # a step begins: the one place the reported flag is cleared
+            self._reported_inf = None
         if not self.phase_hooks:
             return
         params = [p for g in self.base.param_groups for p in g["params"] if p.grad is not None]
         grads = [p.grad for p in params]
-        for hook in self.phase_hooks.values():
-            hook(phase, params, grads)
+        self._hooks_running = True
+        try:
+            for hook in self.phase_hooks.values():
+                hook(phase, params, grads)
+        finally:
+            self._hooks_running = False
+
+    def report_found_inf(self, flag: Tensor) -> None:
+        """Skips the step in progress if ``flag`` (one value; NaN counts) is nonzero.
+
+        The engine owns the flag: each report is copied on the device at once and combined
+        with the earlier ones (any nonzero skips), so a hook may pass a new tensor every
+        time. Accepted from a phase hook or between a step's first and last phase; it
+        applies to that step only (cleared when the next one begins).
+        """
+        if not isinstance(flag, Tensor):
+            raise TypeError(f"report_found_inf() takes a tensor flag (0-d, nonzero skips the step), got "
+                            f"{type(flag).__name__}")
+        if flag.numel() != 1 or flag.is_complex() or flag.layout is not torch.strided:
+            raise ValueError(f"report_found_inf() takes one real value (a 0-d flag), got a {flag.layout} "
+                             f"{flag.dtype} tensor of shape {tuple(flag.shape)}")
+        if self.phase == "idle" and not self._hooks_running:
+            raise RuntimeError("imbsam: report_found_inf() between steps: no step is in progress that it could "
+                               "skip; call it from a phase hook (register_phase_hook) or between the first and "
+                               "the last phase")
+        # A copy, not a reference: a later in-place change of the caller's tensor is not read.
+        mine = flag.detach().reshape(()).to(torch.float32, copy=True)
+        self._reported_inf = mine if self._reported_inf is None else torch.maximum(
+            self._reported_inf, mine.to(self._reported_inf.device))
 
     # ---- helpers -------------------------------------------------------------------
     def _hyper(self, group: dict, key: str):
@@ -257,12 +291,17 @@ class SharpnessEngine:
         self._check_phase("head")
         self._run_phase_hooks("head")
         gathered, device = self._gather()
-        if device is not None:
-            self._ops(gathered, device)  # the reference backend's checks
+        ops = self._ops(gathered, device)[1] if device is not None else None  # with the reference's checks
         for _, _, params, grads in gathered:
-            # No op reads g_H yet: refuse a sparse one here, as the other phases do, not at the step.
+            # Refuse a sparse g_H here, as the other phases do, not at the step.
             if any(layout is not torch.strided for layout in set(map(_validate.layout_of, grads))):
                 self._fix_layouts(params, grads)
+        # Only its finiteness is used: a non-finite g_H skips the step, decided on the device
+        # like g_T's. One read of g_H (4 bytes a parameter in fp32), while it is fresh.
+        heads = [g for _, _, _, grads in gathered for g in grads]
+        self._head_norm = None if ops is None else self._guarded(
+            lambda: ops.grad_norm(heads, [], [], self.defaults["adaptive_eta"]),
+            [(params, grads, True) for _, _, params, grads in gathered])
         self.head_grads = {}
         for index, _, params, grads in gathered:
             if not params:
@@ -353,6 +392,7 @@ class SharpnessEngine:
                 for p, b in zip(plan.params, plan.backups):
                     p.copy_(b)
         self._perturbed, self.head_grads, self._step_norm = {}, {}, None
+        self._head_norm = None
         self.phase = "idle"
 
     @torch.no_grad()
@@ -371,13 +411,14 @@ class SharpnessEngine:
         # norm, g_H), so that a retry takes the same step and abandon_step() restores w.
         self._perturbed, self._step_norm = {}, None
         if with_head:
-            self.head_grads = {}
+            self.head_grads, self._head_norm = {}, None
         self.phase = "idle"
 
     def _restore_and_step(self, with_head: bool, found_inf: Optional[Tensor]) -> None:
         self._run_phase_hooks("step")
         perturbed, norm = self._perturbed, self._step_norm
         heads = self.head_grads if with_head else {}
+        flags = [norm, self._head_norm if with_head else None, self._reported_inf, found_inf]
         gathered, device = self._gather()
         # Before the lists below are built: the reference backend's checks may replace a gradient.
         backend_and_ops = self._ops(gathered, device) if device is not None else None
@@ -401,7 +442,7 @@ class SharpnessEngine:
         # Parameters perturbed but without a gradient now are only restored: after every
         # check below has passed, so that a rejected step leaves all weights at w + e.
         if backend != "reference" and self._fused_sgd_possible():
-            skip = self._skip_flag(norm, found_inf, device)
+            skip = self._skip_flag(flags, device)
             created: list[Tensor] = []  # parameters given a first momentum buffer by this step
             calls = [call for group, ps, gs, bs, hs in groups
                      for call in self._fused_sgd(group, ps, gs, bs, hs, skip, created)]
@@ -438,7 +479,7 @@ class SharpnessEngine:
                         p.grad = g
             # A non-finite perturbation gradient skips the base step (weights stay restored).
             # Reading the flag syncs with the device; the fused SGD path above never does.
-            skip = self._skip_flag(norm, found_inf, device)
+            skip = self._skip_flag(flags, device)
             if skip is not None and bool(skip != 0):
                 return
             self.base.step()
@@ -477,16 +518,21 @@ class SharpnessEngine:
         return ps, gs, bs, hs, restore_params, restore_backups
 
     @staticmethod
-    def _skip_flag(norm: Optional[Tensor], found_inf: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    def _skip_flag(flags: list, device: torch.device) -> Optional[Tensor]:
         """A 0-d float on the device, nonzero (NaN counts) when the step must be skipped; None if
-        nothing can say so."""
+        nothing can say so. ``flags``: the g_T norm, the g_H norm, the reported flag and the
+        caller's found_inf, each None or a 0-d tensor."""
+        norm, head_norm, reported, found_inf = flags
         # norm - norm is 0 for a finite norm and NaN for an infinite or NaN one; every op
         # skips on a flag != 0, which NaN is: one kernel instead of isfinite, not and a cast.
-        own = None if norm is None else norm - norm
-        if found_inf is None:
-            return own
-        theirs = found_inf.reshape(()).to(device=device, dtype=torch.float32)
-        return theirs if own is None else torch.maximum(own, theirs)
+        parts = [n - n for n in (norm, head_norm) if n is not None]
+        parts += [f.reshape(()).to(device=device, dtype=torch.float32) for f in (reported, found_inf) if f is not None]
+        if not parts:
+            return None
+        skip = parts[0]
+        for part in parts[1:]:  # maximum keeps a NaN
+            skip = torch.maximum(skip, part)
+        return skip
 
     # ---- the fused SGD path ----------------------------------------------------------
     def _fused_sgd_possible(self) -> bool:

@@ -55,6 +55,14 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         Returns a handle whose ``remove()`` unregisters it."""
         return self._engine.register_phase_hook(hook)
 
+    def report_found_inf(self, flag) -> None:
+        """Skips the step in progress when ``flag`` (one value on the device; NaN counts) is
+        nonzero: for a phase hook that unscales or all-reduces and finds an inf. The
+        optimizer owns the combined flag (each report is copied at once, so a new tensor
+        each time is fine); the last phase reads it on the device, and it applies to the step
+        in progress only."""
+        self._engine.report_found_inf(flag)
+
     def abandon_step(self) -> None:
         """Gives up a step begun with the phases (after an error in the forward at w + e, say):
         the weights go back to w exactly, set-aside head gradients are dropped, and the base

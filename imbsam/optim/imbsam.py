@@ -34,8 +34,10 @@ class ImbSAM(SharpnessOptimizer):
         rho: the neighbourhood radius of the tail loss's perturbation, a finite float >= 0.
         backend: ``"auto"``, ``"reference"``, ``"cpp"``, ``"cuda"`` or ``"triton"``.
 
-    The phases must run in order (a RuntimeError says which is due); ``abandon_step()``
-    gives up a step begun, restoring w.
+    A non-finite ``g_T`` or ``g_H`` skips the whole step: weights and momentum are left as
+    they were (decided on the device on the fused SGD path). Hooks that find an inf report
+    it with ``report_found_inf()``. The phases must run in order (a RuntimeError says
+    which is due); ``abandon_step()`` gives up a step begun, restoring w.
     """
 
     _PHASES = IMBSAM_PHASES
@@ -45,7 +47,8 @@ class ImbSAM(SharpnessOptimizer):
 
     @torch.no_grad()
     def first_step(self) -> None:
-        """After the head backward: keep g_H aside and clear the gradients."""
+        """After the head backward: keep g_H aside (and its norm, for a non-finite check) and
+        clear the gradients."""
         self._engine.stash_head_grads()
 
     @torch.no_grad()
@@ -59,6 +62,8 @@ class ImbSAM(SharpnessOptimizer):
         """After the backward at w + e: restore w, g = g_T' + g_H, the base step.
 
         ``found_inf``: an optional 0-d device flag (e.g. a GradScaler's); nonzero skips the step.
+        It is the tensor passed now: a flag that a ``"step"`` phase hook computes is not seen
+        here unless written in place; hooks report theirs with ``report_found_inf()``.
         """
         self._last_phase(with_head=True, found_inf=found_inf)
         if zero_grad:

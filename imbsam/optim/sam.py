@@ -59,6 +59,8 @@ class SAM(SharpnessOptimizer):
         """After the backward at w + e: restore w and take the base step with g'.
 
         ``found_inf``: an optional 0-d device flag (e.g. a GradScaler's); nonzero skips the step.
+        It is the tensor passed now: a flag that a ``"step"`` phase hook computes is not seen
+        here unless written in place; hooks report theirs with ``report_found_inf()``.
         """
         self._last_phase(with_head=False, found_inf=found_inf)
         if zero_grad:
