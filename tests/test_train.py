@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -69,6 +70,38 @@ def test_resume_rejects_changed_options(cifar_root, tmp_path):
     main(args(cifar_root, out, "--opt", "sgd", "--max-epochs-this-run", "1"))
     with pytest.raises(SystemExit, match="rho"):
         main(args(cifar_root, out, "--opt", "sgd", "--rho", "0.1", "--resume"))
+
+
+@pytest.mark.parametrize("order", ["paper", "torch"])
+def test_the_cosine_schedule_runs_each_epoch_at_the_lr_of_its_order(cifar_root, tmp_path, order):
+    out = str(tmp_path / order)
+    main(args(cifar_root, out, "--opt", "sgd", "--epochs", "4", "--eval-every", "4", "--lr", "0.1",
+              "--lr-schedule", order))
+    with open(os.path.join(out, "history.json")) as f:
+        lrs = [r["lr"] for r in json.load(f)]
+    cosine = [0.1 * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(5)]  # lr(0) .. lr(4)
+    # The paper's loop steps the scheduler before each epoch: lr(1) .. lr(4), the last at 0.
+    expected = cosine[1:] if order == "paper" else cosine[:-1]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_checkpoint_from_before_the_schedule_option_resumes_in_torch_order(cifar_root, tmp_path):
+    out = str(tmp_path / "run")
+    main(args(cifar_root, out, "--opt", "sgd", "--lr-schedule", "torch", "--max-epochs-this-run", "1"))
+    path = os.path.join(out, "checkpoint.pt")
+    ck = torch.load(path, weights_only=True)
+    del ck["args"]["lr_schedule"]  # what runs saved before the option recorded
+    torch.save(ck, path)
+    with pytest.raises(SystemExit, match="lr_schedule='paper' \\(checkpoint: 'torch'\\)"):
+        main(args(cifar_root, out, "--opt", "sgd", "--resume"))  # the default is the paper's order
+    assert main(args(cifar_root, out, "--opt", "sgd", "--lr-schedule", "torch", "--resume"))["epochs"] == 2
+
+
+def test_runs_of_the_two_schedule_orders_are_two_recipes():
+    from imbsam.train.seeds import recipe_of
+    old = dict(opt="sgd", args=dict(seed=1, epochs=200))  # saved before the option: torch's order
+    assert recipe_of(old)["lr_schedule"] == "torch"
+    assert recipe_of(dict(opt="sgd", args=dict(seed=1, epochs=200, lr_schedule="paper")))["lr_schedule"] == "paper"
 
 
 def test_time_limit_stops_with_a_checkpoint_and_resumes(cifar_root, tmp_path):

@@ -7,6 +7,7 @@ import math
 from imbsam.backends import BACKENDS
 from imbsam.data.sources import DATASETS
 from imbsam.models import MODELS
+from imbsam.train.schedule import DEFAULT_LR_SCHEDULE, LR_SCHEDULES
 from imbsam.train_step import METHODS
 
 PAPER_SEED = 9826
@@ -37,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--lr", type=float, default=0.01)
     m.add_argument("--momentum", type=float, default=0.9)
     m.add_argument("--weight-decay", type=float, default=1e-3)
+    m.add_argument("--lr-schedule", default=DEFAULT_LR_SCHEDULE, choices=LR_SCHEDULES,
+                   help="cosine to 0 over the epochs, stepped as the paper's loop does (before each epoch: epochs "
+                        "at lr(1)..lr(T), the last at 0) or as torch documents (after each epoch: lr(0)..lr(T-1))")
     t = ap.add_argument_group("run")
     t.add_argument("--epochs", type=int, default=200)
     t.add_argument("--batch-size", type=int, default=64)

@@ -19,11 +19,12 @@ from imbsam.train.checkpoint import load_checkpoint, save_checkpoint, write_json
 from imbsam.train.config import validate
 from imbsam.train.loop import group_accuracy, per_class_accuracy, train_epoch
 from imbsam.train.report import format_table, save_plots
+from imbsam.train.schedule import cosine_schedule, lr_schedule_of
 from imbsam.train_step import GraphedStep, make_step
 
 # Options that must match between a checkpoint and the run that resumes it.
 RESUME_KEYS = ("dataset", "imb_factor", "model", "opt", "rho", "eta", "tail_weight", "lr", "momentum",
-               "weight_decay", "epochs", "batch_size", "seed", "amp", "cuda_graph")
+               "weight_decay", "lr_schedule", "epochs", "batch_size", "seed", "amp", "cuda_graph")
 
 
 class Log:
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(args, model, device)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=0.0)
+    scheduler = cosine_schedule(optimizer, args.epochs, args.lr_schedule)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     train_loader = DeviceLoader(data.train_x, data.train_y, args.batch_size, data.mean, data.std, device, train=True,
                                 generator=generator, drop_last=args.cuda_graph, channels_last=args.channels_last)
@@ -118,10 +119,11 @@ def run(args: argparse.Namespace) -> dict | None:
     start_epoch, history, wall = 0, [], 0.0
     if args.resume:
         ck = load_checkpoint(ckpt_path, device)
-        mismatched = [k for k in RESUME_KEYS if ck["args"].get(k) != getattr(args, k)]
+        saved = dict(ck["args"], lr_schedule=lr_schedule_of(ck["args"]))
+        mismatched = [k for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
         if mismatched:
             raise SystemExit("--resume with options that differ from the checkpoint's: " + ", ".join(
-                f"{k}={getattr(args, k)!r} (checkpoint: {ck['args'].get(k)!r})" for k in mismatched))
+                f"{k}={getattr(args, k)!r} (checkpoint: {saved.get(k)!r})" for k in mismatched))
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -135,7 +137,8 @@ def run(args: argparse.Namespace) -> dict | None:
     log(f"{data.name} (IF {args.imb_factor:g}): {len(data.train_y)} training images in {data.num_classes} classes "
         f"({counts[0]} ... {counts[-1]}), {len(data.test_y)} test images; tail classes (n < {eta:g}): "
         f"{int(split.tail_classes.sum())}; {args.model} ({n_params / 1e6:.2f} M parameters) on {device}; "
-        f"{args.opt} (backend {backend}), {args.epochs} epochs, batch {args.batch_size}")
+        f"{args.opt} (backend {backend}), {args.epochs} epochs (cosine lr, {args.lr_schedule}'s order), "
+        f"batch {args.batch_size}")
 
     stop_after = None if args.max_epochs_this_run is None else start_epoch + args.max_epochs_this_run
     slowest_epoch_s = 0.0

@@ -11,9 +11,11 @@ import math
 from dataclasses import dataclass, field
 
 from imbsam.data.profile import ACCURACY_KEYS
+from imbsam.train.schedule import lr_schedule_of
+
 # The arguments that make two runs different experiments rather than two seeds of one.
 RECIPE_KEYS = ("dataset", "imb_factor", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-               "rho", "eta", "tail_weight", "amp")
+               "lr_schedule", "rho", "eta", "tail_weight", "amp")
 
 
 def seed_of(metrics: dict):
@@ -23,6 +25,7 @@ def seed_of(metrics: dict):
 def recipe_of(metrics: dict) -> dict:
     args = metrics.get("args", {})
     recipe = {k: args.get(k, metrics.get(k)) for k in RECIPE_KEYS}
+    recipe["lr_schedule"] = lr_schedule_of(args)
     if metrics["opt"] == "sgd":  # SGD ignores SAM's and ImbSAM's settings: they must not split its seeds
         for k in ("rho", "eta", "tail_weight"):
             recipe[k] = None
