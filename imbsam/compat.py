@@ -10,9 +10,16 @@ The paper's training loop runs unchanged on the fast ops::
     tail_loss_at_w_plus_e.backward();      optimizer.third_step()
 
 The wrapped optimizer keeps its state and ``param_groups``; schedulers attach to it.
-Differences from the paper's code, all in cases where it fails: a parameter that was
-perturbed but gets no gradient in the last phase is still restored, and one that only
-the head loss reached steps with ``g_H``.
+
+Differences from the paper's code. In every step, at rounding level: w is restored by a
+copy from a backup, exactly, where the paper's ``p.sub_(e)`` leaves ``(w + e) - e``,
+which may differ from w in its last bits; and the norm's squares are summed in float64
+and rounded once, where the paper takes fp32 per-tensor norms and the norm of their
+stack. The weights therefore agree with the paper's to rounding (within 1e-6 over the
+tests' short runs, ``tests/test_paper_semantics.py``), not bitwise. In two cases where
+the paper's code fails: a parameter that was perturbed but gets no gradient in the last
+phase is still restored (the paper's stays at w + e), and one that only the head loss
+reached steps with ``g_H``.
 """
 from __future__ import annotations
 

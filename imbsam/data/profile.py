@@ -25,8 +25,10 @@ def long_tail_counts(n_max: int, num_classes: int, imb_factor: float) -> list[in
 def shot_split(counts: Sequence[int], many: Optional[float] = None, few: Optional[float] = None) -> list[str]:
     """'many' for ``n_c > many``, 'few' for ``n_c < few``, else 'medium'.
 
-    Defaults are the paper's thresholds relative to the largest class: ``many = n_max / 5``
-    and ``few = n_max / 25`` (100 and 20 on CIFAR-100-LT).
+    The paper fixes Many at ``n_c > 100`` and Few at ``n_c < 20`` on CIFAR-100-LT, whose
+    largest class has 500 images. The defaults are those thresholds as fractions of the
+    largest class, ``many = n_max / 5`` and ``few = n_max / 25``: the paper's own numbers
+    only when ``n_max`` is 500 (1200 and 240 on Fashion-MNIST-LT, whose ``n_max`` is 6000).
     """
     n_max = max(counts)
     many = n_max / 5 if many is None else many

@@ -1,7 +1,9 @@
 """The long-tailed datasets: CIFAR-10/100-LT and Fashion-MNIST-LT, as uint8 tensors.
 
-Training sets keep the first ``n_c`` images of each class in the file's order, with
-``n_c`` from ``long_tail_counts``; test sets are left whole.
+Training sets keep the first ``n_c`` images of each class (``n_c`` from
+``long_tail_counts``): the same images as the paper's (LDAM-DRW's) code. They stay in the
+file's order, where that code groups them by class, so one seed shuffles the same images
+into other batches than the paper's loop would. Test sets are left whole.
 """
 from __future__ import annotations
 
