@@ -24,9 +24,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLOURS = {"reference": "tab:grey", "foreach": "tab:olive", "cpp": "tab:blue", "cuda": "tab:green",
-           "triton": "tab:purple", "torch": "tab:cyan"}
-LABELS = {"foreach": "torch._foreach"}
+COLOURS = {"reference": "tab:grey", "paper": "tab:brown", "foreach": "tab:olive", "cpp": "tab:blue",
+           "cuda": "tab:green", "triton": "tab:purple", "torch": "tab:cyan"}
+LABELS = {"foreach": "torch._foreach", "paper": "paper's code"}
 TARGET_PCT = 80  # the GPU target for every elementwise op and the norm (H100)
 
 

@@ -48,7 +48,9 @@ def test_optimizer_step(tmp_path):
                             "--dtypes", "float32,bfloat16")
     assert {r["bench"] for r in records} == {"optimizer_step"}
     assert {(r["method"], r["dtype"]) for r in records} >= {("sam", "float32"), ("imbsam", "bfloat16")}
-    assert {"reference", "foreach"} <= {r["backend"] for r in records}
+    assert {"reference", "paper", "foreach"} <= {r["backend"] for r in records}
+    # The ratios against what a user would run instead, on every record.
+    assert all(r["speedup_vs_paper"] > 0 and r["speedup_vs_foreach"] > 0 for r in records)
     assert_plotted(tmp_path)
 
 
