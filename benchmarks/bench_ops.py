@@ -74,9 +74,8 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/bench/ops.json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    on_device = {"cpu": ("cpp", "triton"), "cuda": ("cuda", "triton")}[device.type]
-    names = ["reference"] + [b for b in imbsam.available_backends() if b in on_device
-                             and not (b == "triton" and device.type == "cpu")]  # the interpreter is no benchmark
+    # The compiled backends that run natively on this device (an interpreter is no benchmark).
+    names = ["reference"] + backends.backends_for(device.type, fast_only=True, emulated=False)
     shapes = model_shapes(args.model)
     n = sum(torch.Size(s).numel() for s in shapes)
     info = machine_info(device)

@@ -108,9 +108,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    # The compiled backends that run on this device (cpp on the CPU; cuda and triton on a GPU).
-    on_device = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}[device.type]
-    compiled = [b for b in imbsam.available_backends() if b in on_device]
+    # The compiled backends that run natively on this device (an interpreter is no benchmark).
+    compiled = imbsam.backends.backends_for(device.type, fast_only=True, emulated=False)
     backends = args.backends.split(",") if args.backends else ["reference", *BASELINES] + compiled
     if backends[0] != "reference":
         backends.insert(0, "reference")  # every method is checked and compared against it

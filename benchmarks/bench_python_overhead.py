@@ -72,7 +72,7 @@ def main(argv=None):
                     p.grad = g
                 phase()
 
-        backend = opt._engine.concrete_backend(device)
+        backend = opt.backend_for(device)
         stubbed = args.stub_launches and backend == "triton"
         ops = imbsam.backends.ops_for(backend)
         backups, bufs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]

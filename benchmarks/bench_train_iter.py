@@ -64,7 +64,7 @@ def main(argv=None):
     device = torch.device(args.device)
     # Fixed shapes: let cuDNN time its convolution algorithms once (the warmup absorbs it).
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
-    fused = [b for b in imbsam.available_backends() if b in {"cpu": ("cpp",), "cuda": ("cuda", "triton")}[device.type]]
+    fused = imbsam.backends.backends_for(device.type, fast_only=True, emulated=False)
     info = machine_info(device)
     print(f"{MODELS[args.model][0]}, batch {args.batch}, on {info.get('gpu') or info.get('cpu')}")
     gen = torch.Generator().manual_seed(0)

@@ -46,6 +46,10 @@ class _Adapter:
     def param_groups(self):
         return self.optimizer.param_groups
 
+    def backend_for(self, device) -> str:
+        """See ``imbsam.SAM.backend_for``."""
+        return self._engine.concrete_backend(torch.device(device))
+
     def register_phase_hook(self, hook):
         """See ``imbsam.SAM.register_phase_hook``."""
         return self._engine.register_phase_hook(hook)

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import imbsam  # noqa: E402
+from imbsam import backends  # noqa: E402
 
 # GPU results compared bitwise or to rounding must not depend on cuDNN's choice of
 # algorithm or on TF32 (10-bit mantissas in fp32 convolutions and matmuls). Set here, at
@@ -31,15 +32,8 @@ SIZES = [1, 7, 65537, 278011, 0]
 
 
 def fast_backends() -> list[tuple[str, str]]:
-    """(backend, device) pairs of the compiled backends usable here."""
-    pairs = []
-    if "cpp" in imbsam.available_backends():
-        pairs.append(("cpp", "cpu"))
-    if "cuda" in imbsam.available_backends():
-        pairs.append(("cuda", "cuda"))
-    if "triton" in imbsam.available_backends():
-        pairs.append(("triton", "cuda" if torch.cuda.is_available() else "cpu"))
-    return pairs
+    """(backend, device) pairs of the compiled backends usable here, each on its home device."""
+    return [(b, backends.home_device(b)) for b in imbsam.available_backends() if backends.record(b).fast]
 
 
 FAST = fast_backends()
@@ -64,9 +58,9 @@ def assert_close_to_exact(fast, ref_same_dtype, ref_fp64, dtype, slack: float = 
 
 
 def device_of(backend) -> str:
-    """Where a backend's tensors live: cuda for the GPU backends, else the CPU."""
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return "cuda"
+    """Where a backend's tensors live: a compiled backend's home device, else the CPU."""
+    if backend in backends.REGISTRY and backends.record(backend).fast:
+        return backends.home_device(backend)
     return "cpu"
 
 

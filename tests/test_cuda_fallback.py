@@ -24,11 +24,9 @@ def old_gpu(monkeypatch):
     monkeypatch.setattr(_library, "has_kernel", lambda key: True)
     monkeypatch.setattr(torch.ops.imbsam, "cuda_kernel_image_error", lambda index: NO_IMAGE, raising=False)
     monkeypatch.setattr(backends, "_warned", set())
-    backends.cuda_image_error.cache_clear()
-    backends._available.cache_clear()
+    backends.clear_caches()
     yield
-    backends.cuda_image_error.cache_clear()
-    backends._available.cache_clear()
+    backends.clear_caches()
 
 
 def test_the_reason_names_the_gpu_and_the_rebuild(old_gpu):

@@ -17,7 +17,7 @@ from imbsam.train_step import make_step
 from models import small_cnn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-GPU_BACKENDS = [b for b in ("cuda", "triton") if b in imbsam.available_backends()]
+GPU_BACKENDS = imbsam.backends.backends_for("cuda", fast_only=True)
 COUNTS = [500, 400, 300, 200, 150, 100, 60, 15, 10, 5]
 
 

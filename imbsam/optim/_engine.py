@@ -251,16 +251,14 @@ class SharpnessEngine:
                 p.grad = g
         return g
 
-    def _check_for_reference(self, gathered, device: torch.device) -> None:
-        # The reference ops check nothing: do here what the compiled ops do in C++.
-        for _, _, params, grads in gathered:  # _gather has checked their devices
-            self._fix_layouts(params, grads)
-
     def _ops(self, gathered, device: torch.device):
-        backend = self.concrete_backend(device)
-        if backend == "reference":
-            self._check_for_reference(gathered, device)
-        return backend, backends.ops_for(backend)
+        """The backend's registry record and ops for ``device``; for a backend whose ops check
+        nothing (the reference), the checks the compiled ops make before they write."""
+        backend = backends.record(self.concrete_backend(device))
+        if not backend.checks_inputs:
+            for _, _, params, grads in gathered:  # _gather has checked their devices
+                self._fix_layouts(params, grads)
+        return backend, backend.ops
 
     # ---- the per-group plan --------------------------------------------------------------
     def _plan(self, index: int, params: list[Tensor]) -> _GroupPlan:
@@ -441,7 +439,7 @@ class SharpnessEngine:
         backend, ops = backend_and_ops or self._ops(gathered, device)
         # Parameters perturbed but without a gradient now are only restored: after every
         # check below has passed, so that a rejected step leaves all weights at w + e.
-        if backend != "reference" and self._fused_sgd_possible():
+        if backend.fused_sgd and self._fused_sgd_possible():
             skip = self._skip_flag(flags, device)
             created: list[Tensor] = []  # parameters given a first momentum buffer by this step
             calls = [call for group, ps, gs, bs, hs in groups

@@ -44,6 +44,11 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         """The backend asked for (``auto`` resolves per device at the first step)."""
         return self._engine.backend
 
+    def backend_for(self, device) -> str:
+        """The concrete backend that runs the phases for parameters on ``device`` (``auto``
+        resolved, as the first phase there will resolve it)."""
+        return self._engine.concrete_backend(torch.device(device))
+
     @property
     def grad_norm(self):
         """The last perturbation gradient's global norm (a device tensor), or None."""

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> dict | None:
         log(f"resumed from {ckpt_path} after epoch {start_epoch}")
 
     n_params = sum(p.numel() for p in model.parameters())
-    backend = "-" if args.opt == "sgd" else optimizer._engine.concrete_backend(device)
+    backend = "-" if args.opt == "sgd" else optimizer.backend_for(device)
     log(f"{data.name} (IF {args.imb_factor:g}): {len(data.train_y)} training images in {data.num_classes} classes "
         f"({counts[0]} ... {counts[-1]}), {len(data.test_y)} test images; tail classes (n < {eta:g}): "
         f"{int(split.tail_classes.sum())}; {args.model} ({n_params / 1e6:.2f} M parameters) on {device}; "
