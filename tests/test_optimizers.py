@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import imbsam
 from conftest import fast_backend, max_err
 from imbsam.train_step import make_step
-from models import batches, small_cnn
+from models import batches, small_cnn, step_by_hand
 
 # Tail classes 7, 8, 9: most batches hold some, and the test data has one batch without.
 COUNTS = [500, 400, 300, 200, 150, 100, 60, 15, 10, 5]
@@ -209,20 +209,8 @@ def test_external_found_inf_skips_the_step(backend, kind):
     model, opt = train(kind, backend, steps=2)
     params, bufs = [p.clone() for p in model.parameters()], [b.clone() for b in state_tensors(opt)]
     (x, y), = batches(1, seed=7)
-    split = imbsam.HeadTailLoss(COUNTS)
-    # Run the phases by hand, handing the last one a GradScaler-style flag.
-    if kind == "imbsam":
-        head, tail = split(model(x), y)
-        head.backward(retain_graph=True)
-        opt.first_step()
-        tail.backward()
-        opt.second_step()
-        split(model(x), y)[1].backward()
-    else:
-        F.cross_entropy(model(x), y).backward()
-        opt.first_step()
-        F.cross_entropy(model(x), y).backward()
-    (opt.third_step if kind == "imbsam" else opt.second_step)(found_inf=torch.ones(()))
+    # The phases by hand, the last one handed a GradScaler-style flag.
+    step_by_hand(kind, model, opt, x, y, COUNTS, last_kw=dict(found_inf=torch.ones(())))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params))
     assert all(torch.equal(a, b) for a, b in zip(state_tensors(opt), bufs))
     with pytest.raises(ValueError, match="found_inf must hold one value"):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import imbsam
-from models import batches, small_cnn
+from models import batches, small_cnn, step_by_hand
 
 COUNTS = [500, 400, 300, 200, 150, 100, 60, 15, 10, 5]
 SGD_KW = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
@@ -32,26 +32,8 @@ def build(kind, backend, base=torch.optim.SGD):
     return model, opt
 
 
-def run_step(kind, model, opt, x, y, poison_head=None, before_last=None, last_kw=None):
-    """One step by hand; ``poison_head`` is written into a head gradient before first_step;
-    ``before_last()`` runs just before the last phase."""
-    if kind == "imbsam":
-        split = imbsam.HeadTailLoss(COUNTS)
-        head, tail = split(model(x), y)
-        head.backward(retain_graph=True)
-        if poison_head is not None:
-            next(model.parameters()).grad.view(-1)[3] = poison_head
-        opt.first_step()
-        tail.backward()
-        opt.second_step()
-        split(model(x), y)[1].backward()
-    else:
-        F.cross_entropy(model(x), y).backward()
-        opt.first_step()
-        F.cross_entropy(model(x), y).backward()
-    if before_last is not None:
-        before_last()
-    (opt.third_step if kind == "imbsam" else opt.second_step)(**(last_kw or {}))
+def run_step(kind, model, opt, x, y, **kw):
+    step_by_hand(kind, model, opt, x, y, COUNTS, **kw)
 
 
 def snapshot(model, opt):
@@ -99,22 +81,16 @@ def test_the_fused_step_decides_the_head_gradient_skip_without_a_host_read(monke
     # The fused SGD path must not read a flag on the host (a sync per step on a GPU, and
     # no CUDA graph capture): any bool()/item() of a tensor in the last phase fails here.
     model, opt = build("imbsam", "cpp")
-    (x2, y2), = batches(1, seed=3)
+    (x, y), = batches(1, seed=3)
     snap = snapshot(model, opt)
-    split = imbsam.HeadTailLoss(COUNTS)
-    head, tail = split(model(x2), y2)
-    head.backward(retain_graph=True)
-    next(model.parameters()).grad.view(-1)[0] = float("inf")
-    opt.first_step()
-    tail.backward()
-    opt.second_step()
-    split(model(x2), y2)[1].backward()
 
     def host_read(*_):
         raise AssertionError("the last phase read a tensor on the host")
-    monkeypatch.setattr(torch.Tensor, "__bool__", host_read)
-    monkeypatch.setattr(torch.Tensor, "item", host_read)
-    opt.third_step()
+
+    def forbid_host_reads():
+        monkeypatch.setattr(torch.Tensor, "__bool__", host_read)
+        monkeypatch.setattr(torch.Tensor, "item", host_read)
+    run_step("imbsam", model, opt, x, y, poison_head=float("inf"), before_last=forbid_host_reads)
     monkeypatch.undo()
     assert unchanged(model, opt, snap)
 
