@@ -129,8 +129,7 @@ def extensions():
         if _has_pre_volta(os.environ["TORCH_CUDA_ARCH_LIST"]):
             nvcc_flags.append("-DIMBSAM_MTA_LARGE_ARGS=0")
         print(f"imbsam: building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
-        return [CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-                              define_macros=[("IMBSAM_WITH_CUDA", "1")], **common)]
+        return [CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **common)]
     print("imbsam: building CPU kernels only (no CUDA toolkit, a CPU-only torch, or IMBSAM_BUILD_CUDA=0)")
     return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)]
 

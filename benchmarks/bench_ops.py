@@ -22,7 +22,7 @@ from param_lists import MODELS, model_shapes  # noqa: E402
 from bench_common import (device_ms, host_ms, kernel_ms, machine_info, median_ms, record_meta,  # noqa: E402
                           write_records)
 
-# Tensor passes each op makes over memory (reads + writes), as in ALGORITHM.md.
+# Tensor passes each op makes over memory (reads + writes), as in docs/algorithm.md.
 PASSES = {"grad_norm": 1, "perturb_": 4, "restore_": 2, "add_head_grads_": 3, "restore_sgd_step_": 6}
 
 

@@ -30,7 +30,7 @@ from bench_common import (device_ms, host_ms, kernel_ms, machine_info, median_ms
 
 SGD_KW = dict(lr=1e-4, momentum=0.9, weight_decay=1e-3)
 RHO = 0.05
-# The memory-traffic floor of a fused step in parameter-sized tensor passes (ALGORITHM.md:
+# The memory-traffic floor of a fused step in parameter-sized tensor passes (docs/algorithm.md:
 # 44 B/param for ImbSAM and 40 for SAM in fp32, i.e. 11 and 10 element reads/writes).
 FLOOR_PASSES = {"imbsam": 11, "sam": 10}
 # What a user would run instead of imbsam: the ratios against these lead the table.

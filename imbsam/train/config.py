@@ -1,4 +1,4 @@
-"""The training CLI's options; the defaults are the paper's CIFAR-100-LT recipe (ALGORITHM.md)."""
+"""The training CLI's options; the defaults are the paper's CIFAR-100-LT recipe (docs/algorithm.md)."""
 from __future__ import annotations
 
 import argparse
