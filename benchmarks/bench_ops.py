@@ -16,11 +16,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import imbsam  # noqa: E402
 from imbsam import backends, reference  # noqa: E402
+
+from bench_common import device_ms, host_ms, kernel_ms, machine_info, median_ms, record_meta, write_records  # noqa: E402
 from param_lists import MODELS, model_shapes  # noqa: E402
-from bench_common import (device_ms, host_ms, kernel_ms, machine_info, median_ms, record_meta,  # noqa: E402
-                          write_records)
 
 # Tensor passes each op makes over memory (reads + writes), as in docs/algorithm.md.
 PASSES = {"grad_norm": 1, "perturb_": 4, "restore_": 2, "add_head_grads_": 3, "restore_sgd_step_": 6}
@@ -87,7 +86,7 @@ def main(argv=None):
         src, dst = torch.randn(n, device=device).to(dtype), torch.empty(n, device=device, dtype=dtype)
         copy_gbs = 2 * n * size / kernel_ms(lambda: dst.copy_(src), device, args.reps) / 1e6
         read_gbs = n * size / kernel_ms(lambda: src.sum(), device, args.reps) / 1e6
-        del src, dst
+        src = dst = None  # freed before the ops' own lists are allocated
         print(f"  {dtype_name}: copy {copy_gbs:.1f} GB/s, read (sum) {read_gbs:.1f} GB/s")
         for name in names:
             ops = backends.ops_for(name)

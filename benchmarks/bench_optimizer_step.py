@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imbsam  # noqa: E402
+
+from bench_common import device_ms, host_ms, kernel_ms, machine_info, median_ms, record_meta, write_records  # noqa: E402
 from foreach_baseline import ForeachSharpness  # noqa: E402
 from paper_baseline import PaperImbSAM, PaperSAM, ParamModule  # noqa: E402
 from param_lists import MODELS, model_shapes  # noqa: E402
-from bench_common import (device_ms, host_ms, kernel_ms, machine_info, median_ms, record_meta,  # noqa: E402
-                          write_records)
 
 SGD_KW = dict(lr=1e-4, momentum=0.9, weight_decay=1e-3)
 RHO = 0.05

@@ -33,6 +33,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imbsam  # noqa: E402
 from imbsam import triton_ops  # noqa: E402
+
 from bench_common import machine_info, record_meta, write_records  # noqa: E402
 from param_lists import MODELS, model_shapes  # noqa: E402
 
@@ -92,7 +93,7 @@ def main(argv=None):
     # by tens of percent over seconds, and a drift must not land on one backend alone.
     times: dict = {}
     for _ in range(args.rounds):
-        for method, part, backend, stubbed, fn in configs:
+        for method, part, backend, _, fn in configs:
             launches[0] = 0
             times.setdefault((method, part, backend), []).append(host_us(fn, args.steps))  # the GPU runs behind
     for method, part, backend, stubbed, fn in configs:

@@ -21,8 +21,8 @@ import imbsam  # noqa: E402
 from imbsam.data import long_tail_counts  # noqa: E402
 from imbsam.models import resnet32, resnet34_cifar  # noqa: E402
 from imbsam.train_step import GraphedStep, make_step  # noqa: E402
-from bench_common import machine_info, median_ms, record_meta, write_records  # noqa: E402
 
+from bench_common import machine_info, median_ms, record_meta, write_records  # noqa: E402
 
 MODELS = {"resnet34": ("ResNet-34 (CIFAR stem)", resnet34_cifar), "resnet32": ("ResNet-32", resnet32)}
 
@@ -87,7 +87,7 @@ def main(argv=None):
                                     backend=backend, ms=round(ms, 3), reps=args.reps, device=device.type,
                                     cudnn_benchmark=torch.backends.cudnn.benchmark, **info,
                                     **record_meta(argv)))
-                del step
+                step = None  # its model and optimizer freed before the next backend's
     write_records(args.out, records)
 
 

@@ -6,8 +6,13 @@
 ``imbsam.reference`` holds the plain PyTorch spec of every op; ``imbsam.ops`` the compiled
 ones; ``imbsam.compat`` the paper's ``(optimizer, model, rho)`` adapters.
 """
-from imbsam import _fake  # noqa: F401  (registers the fake kernels of the compiled ops)
-from imbsam import compat, models, ops, reference
+from imbsam import (
+           _fake,  # noqa: F401  (registers the fake kernels of the compiled ops)
+           compat,
+           models,
+           ops,
+           reference,
+)
 from imbsam.backends import available_backends
 from imbsam.losses import HeadTailLoss, tail_class_mask
 from imbsam.optim import SAM, ImbSAM

@@ -171,7 +171,7 @@ def _plan(lists: Sequence[Sequence[Tensor]], validate: Callable[[], None]) -> "_
                 _warned_capture_eviction = True
                 warnings.warn(f"imbsam (triton): more than {_CAPTURE_PLANS_SIZE} tensor sets captured in CUDA "
                               "graphs; the oldest one's address tables are released, so a graph captured that "
-                              "long ago must be captured again before it is replayed", RuntimeWarning)
+                              "long ago must be captured again before it is replayed", RuntimeWarning, stacklevel=2)
         _CAPTURE_PLANS[key] = plan
     if on_cuda:
         stream = torch.cuda.current_stream(lists[0][0].device)

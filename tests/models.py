@@ -8,7 +8,6 @@ from torch import nn
 
 import imbsam
 
-
 DEVICE = "cpu"
 
 

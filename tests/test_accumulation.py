@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import imbsam
-import models
 from imbsam.train_step import make_step
+
+import models
 from models import batches
 
 COUNTS = [500, 400, 300, 200, 150, 100, 60, 15, 10, 5]  # tail: classes 7, 8, 9

@@ -8,6 +8,7 @@ import torch
 
 import imbsam
 from imbsam import backends
+
 from models import batches, small_cnn
 
 OPS = ("grad_norm", "perturb_", "restore_", "add_head_grads_", "restore_sgd_step_")

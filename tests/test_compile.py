@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import imbsam
+
 from conftest import COMPILES_MUTABLE_LISTS, fast_backend, max_err
 
 

@@ -16,8 +16,9 @@ import os
 import pytest
 import torch
 
-import emulated_cuda
 from imbsam import reference
+
+import emulated_cuda
 
 pytestmark = pytest.mark.skipif(
     emulated_cuda.compiler() is None and not os.environ.get("CI"),

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import imbsam
+
 from conftest import device_of
 
 SGD_KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import imbsam
+
 from conftest import fast_backend
 from models import small_cnn
 
@@ -101,8 +102,9 @@ def test_op_rejects_bad_lists(backend, device):
 
 @pytest.mark.skipif("triton" not in imbsam.available_backends(), reason="needs the triton backend")
 def test_triton_ops_name_the_tensor_that_does_not_match():
-    from conftest import device_of
     from imbsam import triton_ops
+
+    from conftest import device_of
 
     dev = device_of("triton")
     ps = [torch.randn(5, device=dev), torch.randn(7, device=dev)]

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import imbsam
-from conftest import max_err
 from imbsam.train_step import make_step
+
+from conftest import max_err
 from models import small_cnn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -9,6 +9,7 @@ import torch
 
 import imbsam
 from imbsam import reference
+
 from conftest import COMPILES_MUTABLE_LISTS, DTYPES, SIZES, assert_close_to_exact, fast_backend, max_err
 
 pytestmark = fast_backend

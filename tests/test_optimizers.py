@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import imbsam
-from conftest import fast_backend, max_err
 from imbsam.train_step import make_step
+
+from conftest import fast_backend, max_err
 from models import batches, small_cnn, step_by_hand
 
 # Tail classes 7, 8, 9: most batches hold some, and the test data has one batch without.
@@ -59,7 +60,8 @@ def test_trajectory_matches_reference(backend, device, kind):
 
 @fast_backend
 @pytest.mark.parametrize("kind", ["sam", "imbsam"])
-@pytest.mark.parametrize("sgd_kw", [dict(lr=0.05, momentum=0.9, nesterov=True), dict(lr=0.05, momentum=0.5, dampening=0.2, maximize=False),
+@pytest.mark.parametrize("sgd_kw", [dict(lr=0.05, momentum=0.9, nesterov=True),
+                                    dict(lr=0.05, momentum=0.5, dampening=0.2, maximize=False),
                                     dict(lr=0.05)], ids=["nesterov", "dampening", "no-momentum"])
 def test_trajectory_sgd_options(backend, device, kind, sgd_kw):
     ref_model, _ = train(kind, "reference", base_kw=sgd_kw, steps=4)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import imbsam
+
 from conftest import max_err
 from models import batches, small_cnn
 

@@ -52,9 +52,11 @@ def test_a_different_recipe_is_another_group_named_by_what_differs():
 
 
 def test_sgd_seeds_are_not_split_by_settings_sgd_ignores():
-    groups = group_by_recipe([("a", run_metrics("sgd", 1, 87.0, rho=0.05)), ("b", run_metrics("sgd", 2, 87.0, rho=0.1))])
+    groups = group_by_recipe([("a", run_metrics("sgd", 1, 87.0, rho=0.05)),
+                              ("b", run_metrics("sgd", 2, 87.0, rho=0.1))])
     assert [g.seeds for g in groups] == [[1, 2]]
-    groups = group_by_recipe([("a", run_metrics("sam", 1, 87.0, rho=0.05)), ("b", run_metrics("sam", 2, 87.0, rho=0.1))])
+    groups = group_by_recipe([("a", run_metrics("sam", 1, 87.0, rho=0.05)),
+                              ("b", run_metrics("sam", 2, 87.0, rho=0.1))])
     assert [g.label for g in groups] == ["sam (rho 0.05)", "sam (rho 0.1)"]
 
 

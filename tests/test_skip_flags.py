@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import imbsam
+
 from models import batches, small_cnn, step_by_hand
 
 COUNTS = [500, 400, 300, 200, 150, 100, 60, 15, 10, 5]

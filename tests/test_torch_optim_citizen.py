@@ -13,6 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import imbsam
 
+
 def model():
     torch.manual_seed(0)
     return torch.nn.Linear(4, 3)

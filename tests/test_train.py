@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from imbsam.train import main
+
 from synthetic_data import write_cifar
 
 

@@ -13,6 +13,7 @@ import torch
 
 from imbsam.data.formats import read_cifar_batch
 from imbsam.train import main
+
 from synthetic_data import write_cifar
 
 

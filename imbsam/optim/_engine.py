@@ -465,7 +465,7 @@ class SharpnessEngine:
             self._fix_layouts(ps, gs)
         try:
             ops.restore_(restore_params, restore_backups)
-            for group, ps, gs, bs, hs in groups:
+            for _, ps, gs, bs, hs in groups:
                 ops.restore_(ps, bs)  # a copy from the backups: repeating it is harmless
                 if hs is not None:
                     with_h = [j for j, h in enumerate(hs) if h is not None]
