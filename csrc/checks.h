@@ -16,8 +16,8 @@ inline bool is_supported_dtype(at::ScalarType t) {
 
 inline void check_same_length(const char* op, at::TensorList a, const char* a_name, at::TensorList b,
                               const char* b_name) {
-  TORCH_CHECK_VALUE(a.size() == b.size(), "imbsam.", op, ": ", b_name, " has ", b.size(), " tensors but ",
-                    a_name, " has ", a.size(), "; they must pair up one to one");
+  TORCH_CHECK_VALUE(a.size() == b.size(), "imbsam.", op, ": ", b_name, " has ", b.size(), " tensors but ", a_name,
+                    " has ", a.size(), "; they must pair up one to one");
 }
 
 // `ref` is the parameter list; `other` must match it tensor for tensor: same device, dtype,
@@ -52,8 +52,8 @@ inline void check_list(const char* op, at::TensorList ts, const char* name) {
     const at::Tensor& t = ts[i];
     TORCH_CHECK_TYPE(t.layout() == at::kStrided, "imbsam.", op, ": ", name, "[", i,
                      "] is a sparse tensor; only dense (strided) tensors are supported");
-    TORCH_CHECK_VALUE(t.device() == device, "imbsam.", op, ": ", name, "[", i, "] is on ", t.device(), " but ",
-                      name, "[0] is on ", device, "; all tensors of one call must be on one device");
+    TORCH_CHECK_VALUE(t.device() == device, "imbsam.", op, ": ", name, "[", i, "] is on ", t.device(), " but ", name,
+                      "[0] is on ", device, "; all tensors of one call must be on one device");
     TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), "imbsam.", op, ": ", name, "[", i, "] has dtype ",
                      t.scalar_type(), "; supported dtypes are float32, float64, bfloat16 and float16");
     TORCH_CHECK_VALUE(t.numel() == 0 || t.is_non_overlapping_and_dense(), "imbsam.", op, ": ", name, "[", i,

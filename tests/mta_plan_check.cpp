@@ -17,11 +17,11 @@ constexpr int kMaxBlocks = ArgLimits<kLarge>::kMaxBlocks;
 constexpr const int* kMaxTensors = ArgLimits<kLarge>::kMaxTensors;
 
 static int failures = 0;
-#define EXPECT(cond, ...)                 \
-  do {                                    \
-    if (!(cond)) {                        \
+#define EXPECT(cond, ...)                            \
+  do {                                               \
+    if (!(cond)) {                                   \
       if (failures++ < 10) std::printf(__VA_ARGS__); \
-    }                                     \
+    }                                                \
   } while (0)
 
 template <int D>
@@ -57,7 +57,8 @@ void check(const std::vector<int64_t>& numels) {
     const int64_t chunks = (numels[t] + kChunkSize - 1) / kChunkSize;
     total += chunks;
     for (int64_t c = 0; c < chunks; ++c)
-      EXPECT(seen[std::make_pair(t, c)] == 1, "D=%d tensor %zu chunk %lld seen %d times\n", D, t, (long long)c, seen[std::make_pair(t, c)]);
+      EXPECT(seen[std::make_pair(t, c)] == 1, "D=%d tensor %zu chunk %lld seen %d times\n", D, t, (long long)c,
+             seen[std::make_pair(t, c)]);
   }
   EXPECT(next_offset == total, "D=%d: %lld blocks for %lld chunks\n", D, (long long)next_offset, (long long)total);
 }
@@ -67,11 +68,11 @@ void check_all(std::mt19937_64& rng) {
   check<D>({});
   check<D>({0, 0});
   check<D>({1, 7, 65537, 278011, 0});
-  constexpr int64_t kFull = kChunkSize * kMaxBlocks;         // the elements one launch holds
-  check<D>(std::vector<int64_t>(333, 1000));                 // more tensors than one launch holds
+  constexpr int64_t kFull = kChunkSize * kMaxBlocks;  // the elements one launch holds
+  check<D>(std::vector<int64_t>(333, 1000));          // more tensors than one launch holds
   check<D>({25'000'000});
-  check<D>({2 * kFull + 12345});                             // more chunks than one launch holds
-  check<D>({5, 2 * kFull - 7, 3, 0, kFull});                 // carry-over mid-tensor, exact fill
+  check<D>({2 * kFull + 12345});              // more chunks than one launch holds
+  check<D>({5, 2 * kFull - 7, 3, 0, kFull});  // carry-over mid-tensor, exact fill
   for (int trial = 0; trial < 200; ++trial) {
     std::vector<int64_t> numels(rng() % 400);
     for (auto& n : numels) {

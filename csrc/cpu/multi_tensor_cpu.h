@@ -12,8 +12,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "convert.h"
 #include "../dtypes.h"
+#include "convert.h"
 
 namespace imbsam::cpu {
 
@@ -31,7 +31,8 @@ inline std::vector<Chunk> make_chunks(at::TensorList ts) {
   std::vector<Chunk> chunks;
   for (size_t t = 0; t < ts.size(); ++t) {
     const int64_t n = ts[t].numel();
-    for (int64_t b = 0; b < n; b += kChunkElems) chunks.push_back({static_cast<int64_t>(t), b, std::min(n, b + kChunkElems)});
+    for (int64_t b = 0; b < n; b += kChunkElems)
+      chunks.push_back({static_cast<int64_t>(t), b, std::min(n, b + kChunkElems)});
   }
   return chunks;
 }

@@ -35,8 +35,9 @@ at::Tensor grad_norm_cpu(at::TensorList grads, at::TensorList adaptive_grads, at
       double sum = 0.0;
       if (c.tensor < n_plain) {
         T* p[1] = {ptr<T>(g) + c.begin};
-        in_math_precision<1, 0>(p, c.end - c.begin,
-                                [&](M* const* x, int64_t n) { sum += sum_squares(x[0], static_cast<const M*>(nullptr), M(0), n); });
+        in_math_precision<1, 0>(p, c.end - c.begin, [&](M* const* x, int64_t n) {
+          sum += sum_squares(x[0], static_cast<const M*>(nullptr), M(0), n);
+        });
       } else {
         T* p[2] = {ptr<T>(g) + c.begin, ptr<T>(adaptive_params[c.tensor - n_plain]) + c.begin};
         in_math_precision<2, 0>(p, c.end - c.begin, [&](M* const* x, int64_t n) {
@@ -187,9 +188,8 @@ void sgd_chunk(T* w, T* g, T* backup, T* h, T* buf, int64_t n, const SgdArgs& a)
 
 void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
                           at::TensorList head_grads, at::TensorList momentum_buffers, double lr, double momentum,
-                          double dampening, double weight_decay, bool nesterov, bool maximize,
-                          bool first_momentum_step, const std::optional<at::Tensor>& lr_tensor,
-                          const std::optional<at::Tensor>& found_inf) {
+                          double dampening, double weight_decay, bool nesterov, bool maximize, bool first_momentum_step,
+                          const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& found_inf) {
   check_sgd_step(params, grads, backups, head_grads, momentum_buffers, momentum, dampening, nesterov, lr_tensor,
                  found_inf);
   const bool has_head = !head_grads.empty();
@@ -200,8 +200,13 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
     copy_lists(params, backups);
     return;
   }
-  const SgdArgs args{lr_tensor ? lr_tensor->item<double>() : lr, momentum, dampening, weight_decay,
-                     nesterov, maximize, first_momentum_step};
+  const SgdArgs args{lr_tensor ? lr_tensor->item<double>() : lr,
+                     momentum,
+                     dampening,
+                     weight_decay,
+                     nesterov,
+                     maximize,
+                     first_momentum_step};
   for_each_chunk(make_chunks(params), [&](int64_t, const Chunk& c) {
     dispatch_float(params[c.tensor].scalar_type(), [&](auto tag) {
       using T = decltype(tag);

@@ -5,9 +5,9 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "device/norm.cuh"
 #include "dispatch.cuh"
 #include "multi_tensor_apply.cuh"
-#include "device/norm.cuh"
 
 namespace imbsam::cuda {
 namespace {

@@ -4,8 +4,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <cuda_runtime_api.h>
@@ -23,8 +23,8 @@
 #define IMBSAM_MTA_LARGE_ARGS 0
 #endif
 #endif
-#include "mta_plan.h"
 #include "device/chunk.cuh"
+#include "mta_plan.h"
 
 namespace imbsam::cuda {
 
@@ -57,12 +57,11 @@ template <int D, bool kLarge, typename Functor, typename... Args>
 void launch_all(const std::vector<std::array<void*, D>>& addresses, const std::vector<int64_t>& numels, Functor f,
                 Args... args) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  plan_launches<D, kLarge>(addresses, numels,
-                           [&](const TensorListMetadata<D, kLarge>& tl, int blocks, int64_t block_offset) {
-                             multi_tensor_kernel<D, kLarge>
-                                 <<<blocks, kBlockSize, 0, stream>>>(tl, block_offset, f, args...);
-                             C10_CUDA_KERNEL_LAUNCH_CHECK();
-                           });
+  plan_launches<D, kLarge>(
+      addresses, numels, [&](const TensorListMetadata<D, kLarge>& tl, int blocks, int64_t block_offset) {
+        multi_tensor_kernel<D, kLarge><<<blocks, kBlockSize, 0, stream>>>(tl, block_offset, f, args...);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 // Launches Functor over D lists of equal length (list 0 decides the sizes), packed

@@ -4,9 +4,9 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "device/updates.cuh"
 #include "dispatch.cuh"
 #include "multi_tensor_apply.cuh"
-#include "device/updates.cuh"
 
 namespace imbsam::cuda {
 namespace {
@@ -71,8 +71,15 @@ void restore_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   // The kernels read float32 scalars; other dtypes are converted on the device.
   const at::Tensor lr_f = lr_tensor ? lr_tensor->to(at::kFloat) : at::Tensor();
   const at::Tensor inf_f = found_inf ? found_inf->to(at::kFloat) : at::Tensor();
-  const SgdArgs args{lr, momentum, dampening, weight_decay, nesterov, maximize, first_momentum_step,
-                     lr_tensor ? lr_f.data_ptr<float>() : nullptr, found_inf ? inf_f.data_ptr<float>() : nullptr};
+  const SgdArgs args{lr,
+                     momentum,
+                     dampening,
+                     weight_decay,
+                     nesterov,
+                     maximize,
+                     first_momentum_step,
+                     lr_tensor ? lr_f.data_ptr<float>() : nullptr,
+                     found_inf ? inf_f.data_ptr<float>() : nullptr};
   for (const auto& group : group_by_dtype(params)) {
     const std::vector<size_t>& idx = group.second;  // lambdas capture structured bindings only from C++20
     dispatch_float(group.first, [&](auto tag) {
@@ -85,8 +92,7 @@ void restore_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
       else if (has_momentum)
         multi_tensor_apply<4>(pick({params, grads, backups, momentum_buffers}, idx), SgdFunctor<T, false, true>{},
                               args);
-      else
-        multi_tensor_apply<3>(pick({params, grads, backups}, idx), SgdFunctor<T, false, false>{}, args);
+      else multi_tensor_apply<3>(pick({params, grads, backups}, idx), SgdFunctor<T, false, false>{}, args);
     });
   }
 }

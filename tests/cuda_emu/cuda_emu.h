@@ -196,8 +196,7 @@ inline void report(const std::string& what) {
   char where[96];
   if (e.current != nullptr)
     std::snprintf(where, sizeof where, " (block %u, thread %u)", e.block_idx.x, e.current->tid.x);
-  else
-    std::snprintf(where, sizeof where, " (block %u)", e.block_idx.x);
+  else std::snprintf(where, sizeof where, " (block %u)", e.block_idx.x);
   e.error = "cuda_emu: " + what + where;
 }
 
@@ -266,8 +265,8 @@ inline bool complete_shuffles(size_t n_threads) {
                               " is named in the mask but has exited");
         if (f.state != State::kShuffle) ready = false;
         else if (f.mask != mask || f.kind != warp[l].kind || f.size != warp[l].size)
-          return report_false("__shfl_*_sync: lanes " + std::to_string(l) + " and " + std::to_string(m) +
-                              " of warp " + std::to_string(w0 / 32) + " wait in different shuffles");
+          return report_false("__shfl_*_sync: lanes " + std::to_string(l) + " and " + std::to_string(m) + " of warp " +
+                              std::to_string(w0 / 32) + " wait in different shuffles");
       }
       if (!ready) continue;
       for (unsigned m = 0; m < 32; ++m) {
@@ -353,7 +352,8 @@ inline void run_block(size_t n_threads) {
       for (size_t i = 0; i < n_threads; ++i) e.fibers[i].state = State::kReady;
       continue;
     }
-    report("deadlock: " + census(n_threads) + " (every thread must reach each __syncthreads(), every lane "
+    report("deadlock: " + census(n_threads) +
+           " (every thread must reach each __syncthreads(), every lane "
            "named in a mask its shuffle)");
   }
 }

@@ -44,12 +44,11 @@ int apply(void** const (&lists)[D], int n, const int64_t* numels, Functor f, Arg
   std::vector<int64_t> sizes(numels, numels + n);
   for (int t = 0; t < n; ++t)
     for (int d = 0; d < D; ++d) addresses[t][d] = lists[d][t];
-  plan_launches<D, kLarge>(addresses, sizes,
-                           [&](const TensorListMetadata<D, kLarge>& tl, int blocks, int64_t block_offset) {
-                             cuda_emu::launch(dim3(blocks), dim3(kBlockSize),
-                                              multi_tensor_kernel<D, kLarge, Functor, Args...>, tl, block_offset, f,
-                                              args...);
-                           });
+  plan_launches<D, kLarge>(
+      addresses, sizes, [&](const TensorListMetadata<D, kLarge>& tl, int blocks, int64_t block_offset) {
+        cuda_emu::launch(dim3(blocks), dim3(kBlockSize), multi_tensor_kernel<D, kLarge, Functor, Args...>, tl,
+                         block_offset, f, args...);
+      });
   return cuda_emu::last_error().empty() ? 0 : -1;
 }
 
@@ -87,8 +86,7 @@ int emu_sum_squares(int dtype, int n, void** g, void** w, const int64_t* numels,
 int emu_finalize_norm(const double* partials, int64_t n, int out_double, void* out) {
   if (out_double)
     cuda_emu::launch(dim3(1), dim3(1024), finalize_norm_kernel<double>, partials, n, static_cast<double*>(out));
-  else
-    cuda_emu::launch(dim3(1), dim3(1024), finalize_norm_kernel<float>, partials, n, static_cast<float*>(out));
+  else cuda_emu::launch(dim3(1), dim3(1024), finalize_norm_kernel<float>, partials, n, static_cast<float*>(out));
   return cuda_emu::last_error().empty() ? 0 : -1;
 }
 
@@ -119,7 +117,7 @@ int emu_restore_sgd_step(int dtype, int n, void** w, void** g, void** b, void** 
                          const int64_t* numels, double lr, double momentum, double dampening, double weight_decay,
                          int nesterov, int maximize, int first_momentum_step, const float* lr_ptr,
                          const float* found_inf_ptr) {
-  const SgdArgs a{lr, momentum, dampening, weight_decay, nesterov != 0, maximize != 0, first_momentum_step != 0,
+  const SgdArgs a{lr,     momentum,     dampening, weight_decay, nesterov != 0, maximize != 0, first_momentum_step != 0,
                   lr_ptr, found_inf_ptr};
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
