@@ -34,11 +34,13 @@ echo "== optimizer-step benchmark: ResNet-34 (CIFAR stem) parameter list"
 "$PY" benchmarks/bench_optimizer_step.py --reps "${BENCH_REPS:-10}" --out runs/bench/optimizer_step_cpu.json
 
 # Debian packages: Fashion-MNIST for the demo, clang++ for the tests' CUDA emulator
-# (tests/cuda_emu/: it needs a section attribute that GCC drops in templates).
+# (tests/cuda_emu/: it needs a section attribute that GCC drops in templates), and
+# clang-format for the C++ style check (tests/test_style.py).
 FMNIST=/usr/share/datasets/fashion-mnist
 APT=()
 [ -f "$FMNIST/train-images-idx3-ubyte.gz" ] || APT+=(dataset-fashion-mnist)
 command -v clang++ > /dev/null || APT+=(clang)
+command -v clang-format > /dev/null || APT+=(clang-format)
 if [ ${#APT[@]} -gt 0 ]; then
   echo "== installing ${APT[*]} (Debian packages)"
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
