@@ -7,7 +7,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+# The storage dtypes every op takes (csrc/dtypes.h dispatches the same four): the one list
+# in Python, which the engine and the tests read.
 SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_NAMES = [str(d).removeprefix("torch.") for d in SUPPORTED]
+SUPPORTED_NAMES = ", ".join(_NAMES[:-1]) + " and " + _NAMES[-1]  # as csrc/checks.h words it
 
 # Metadata read through map(): a C-level loop per attribute, several times faster than a
 # Python loop over the tensors, which costs the Triton ops most of their host time.
@@ -29,8 +33,7 @@ def check_list(op: str, ts: Sequence[Tensor], name: str) -> None:
             raise ValueError(f"imbsam.{op}: {name}[{i}] is on {t.device} but {name}[0] is on {ts[0].device}; "
                              "all tensors of one call must be on one device")
         if t.dtype not in SUPPORTED:
-            raise TypeError(f"imbsam.{op}: {name}[{i}] has dtype {t.dtype}; supported dtypes are float32, float64, "
-                            "bfloat16 and float16")
+            raise TypeError(f"imbsam.{op}: {name}[{i}] has dtype {t.dtype}; supported dtypes are {SUPPORTED_NAMES}")
         if t.numel() and not t.is_contiguous() and not _dense(t):
             raise ValueError(f"imbsam.{op}: {name}[{i}] is not dense in memory (a view with gaps or overlaps); "
                              "pass dense tensors")

@@ -27,7 +27,7 @@ torch.backends.cuda.matmul.allow_tf32 = False
 # (auto_functionalize of Tensor(a!)[]); 2.4 rejects every imbsam op when tracing.
 COMPILES_MUTABLE_LISTS = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DTYPES = list(imbsam._validate.SUPPORTED)  # every dtype the ops take
 SIZES = [1, 7, 65537, 278011, 0]
 
 

@@ -19,13 +19,12 @@ import torch
 from imbsam import reference
 
 import emulated_cuda
+from conftest import DTYPES, SIZES
 
 pytestmark = pytest.mark.skipif(
     emulated_cuda.compiler() is None and not os.environ.get("CI"),
     reason="the CUDA emulator needs clang++ (apt-get install clang); CI requires it")
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-SIZES = [1, 7, 65537, 278011, 0]
 ORDERS = list(emulated_cuda.ORDERS)
 VARIANTS = [pytest.param((large, order), id=f"{'32K' if large else '4K'}-{order}")
             for large, order in itertools.product([False, True], ORDERS)]

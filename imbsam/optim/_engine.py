@@ -15,8 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from imbsam import _validate, backends
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_SUPPORTED = frozenset(SUPPORTED_DTYPES)
+_SUPPORTED = frozenset(_validate.SUPPORTED)
 
 
 def _has_none(xs) -> bool:
@@ -242,8 +241,7 @@ class SharpnessEngine:
             raise ValueError(f"imbsam: a parameter of shape {tuple(p.shape)} has a {g.layout} gradient; SAM "
                              "needs dense gradients (use dense embeddings, e.g. nn.Embedding(sparse=False))")
         if p.dtype not in _SUPPORTED:
-            raise TypeError(f"imbsam: a parameter has dtype {p.dtype}; supported: float32, float64, bfloat16, "
-                            "float16")
+            raise TypeError(f"imbsam: a parameter has dtype {p.dtype}; supported: {_validate.SUPPORTED_NAMES}")
         if g.stride() != p.stride() and g.numel():
             # The kernels walk a parameter and its gradient as one flat array.
             g = g.new_empty_strided(p.size(), p.stride()).copy_(g)
