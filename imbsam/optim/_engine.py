@@ -294,9 +294,10 @@ class SharpnessEngine:
                 self._fix_layouts(params, grads)
         # Only its finiteness is used: a non-finite g_H skips the step, decided on the device
         # like g_T's. One read of g_H (4 bytes a parameter in fp32), while it is fresh.
-        heads = [g for _, _, _, grads in gathered for g in grads]
+        # The list is built inside the call: a retry must read the gradients _guarded repaired.
         self._head_norm = None if ops is None else self._guarded(
-            lambda: ops.grad_norm(heads, [], [], self.defaults["adaptive_eta"]),
+            lambda: ops.grad_norm([g for _, _, _, grads in gathered for g in grads], [], [],
+                                  self.defaults["adaptive_eta"]),
             [(params, grads, True) for _, _, params, grads in gathered])
         self.head_grads = {}
         for index, _, params, grads in gathered:
