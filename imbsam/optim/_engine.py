@@ -3,10 +3,13 @@
 It owns the per-parameter buffers that live between phases (the weight backup and,
 for ImbSAM, the head gradient) and drives the ops of the chosen backend. The base
 optimizer keeps its own state (momentum buffers) exactly as it would without SAM.
+Beside it: ``_hypers`` (hyper-parameter checks), ``_inputs`` (gathering, input checks
+and the guarded retry), ``_plans`` (the per-group plans and backups), ``_fused_sgd``
+(what the fused path knows of ``torch.optim.SGD``).
 """
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
@@ -14,73 +17,13 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from imbsam import _validate, backends
-
-_SUPPORTED = frozenset(_validate.SUPPORTED)
-
-
-def _has_none(xs) -> bool:
-    # A plain loop: 3x faster than any(x is None for x in xs), and `None in xs` would call
-    # Tensor.__eq__ on every element.
-    for x in xs:
-        if x is None:
-            return True
-    return False
-
-
-def _check_finite_nonnegative(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__} {value!r}")
-    if not value >= 0 or value == float("inf"):  # also rejects NaN
-        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-
-
-def check_rho(rho) -> None:
-    _check_finite_nonnegative("rho", rho)
-
-
-def check_adaptive_eta(adaptive_eta) -> None:
-    # A NaN eta would make every norm NaN, and every step would be skipped in silence.
-    _check_finite_nonnegative("adaptive_eta", adaptive_eta)
-
-
-def check_adaptive(adaptive) -> None:
-    if not (isinstance(adaptive, bool) or (type(adaptive) is int and adaptive in (0, 1))):
-        raise TypeError(f"adaptive must be True or False, got {type(adaptive).__name__} {adaptive!r}")
-
-
-def check_group_hypers(group: dict, defaults: dict) -> None:
-    """A param group's own rho / adaptive (or the defaults it inherits)."""
-    check_rho(group.get("rho", defaults["rho"]))
-    check_adaptive(group.get("adaptive", defaults["adaptive"]))
-
-
-def check_base_optimizer(base_optimizer) -> None:
-    if isinstance(base_optimizer, torch.optim.Optimizer):
-        raise TypeError("base_optimizer must be an optimizer class such as torch.optim.SGD (its keyword "
-                        f"arguments go to the SAM constructor), not an instance of {type(base_optimizer).__name__}; "
-                        "to wrap an existing optimizer use imbsam.compat.SAM / imbsam.compat.ImbSAM")
-    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
-        raise TypeError(f"base_optimizer must be a subclass of torch.optim.Optimizer, got {base_optimizer!r}")
-
+from imbsam.optim._fused_sgd import fused_sgd_calls, fused_sgd_possible, precheck_sgd_step
+from imbsam.optim._hypers import check_adaptive, check_adaptive_eta, check_group_hypers, check_rho
+from imbsam.optim._inputs import fix_layouts, gather, guarded
+from imbsam.optim._plans import GroupPlan, PlanCache
 
 SAM_PHASES = {"perturb": "first_step", "step": "second_step"}
 IMBSAM_PHASES = {"head": "first_step", "perturb": "second_step", "step": "third_step"}
-
-
-class _GroupPlan:
-    """A param group's parameters that have gradients, and what every step reuses for them.
-
-    Rebuilt only when that set of parameters or one's storage changes, so that a step's
-    per-parameter Python work is reading ``.grad``, not dictionary lookups.
-    """
-
-    __slots__ = ("params", "ids", "ptrs", "backups", "plain", "scaled")
-
-    def __init__(self, params: list[Tensor], ids: list[int], ptrs: list[int], backups: list[Tensor]):
-        self.params, self.ids, self.ptrs, self.backups = params, ids, ptrs, backups
-        # ASAM's split: tensors of two or more dimensions are scaled, the others not.
-        self.scaled = [j for j, p in enumerate(params) if p.dim() > 1]
-        self.plain = [j for j, p in enumerate(params) if p.dim() <= 1]
 
 
 class SharpnessEngine:
@@ -102,16 +45,13 @@ class SharpnessEngine:
         self.defaults = dict(rho=rho, adaptive=bool(adaptive), adaptive_eta=float(adaptive_eta))
         for group in base_optimizer.param_groups:
             check_group_hypers(group, self.defaults)
-        # Per parameter: (backup, the parameter's storage pointer it was made for). Keyed by
-        # id(p): a Tensor's __hash__ is a Python call, and the param groups keep every p alive.
-        self.backups: dict[int, tuple[Tensor, int]] = {}
-        self._plans: dict[int, _GroupPlan] = {}  # per param group index
+        self._cache = PlanCache()  # per group: the parameters with a gradient, their backups
         # ImbSAM's head gradients between its first and last phase: per group index, the
         # ids of the parameters that had one and those gradients.
         self.head_grads: dict[int, tuple[list[int], list[Tensor]]] = {}
         self.norm: Optional[Tensor] = None  # the last perturbation's gradient norm, on the device
         self._step_norm: Optional[Tensor] = None  # the norm the coming step decides its skip by, used once
-        self._perturbed: dict[int, _GroupPlan] = {}  # the plans of the groups the last perturbation moved
+        self._perturbed: dict[int, GroupPlan] = {}  # the plans of the groups the last perturbation moved
         # ImbSAM's g_H norm, kept only for its finiteness: a non-finite g_H skips the step.
         self._head_norm: Optional[Tensor] = None
         # The step's skip flag that hooks report (report_found_inf), combined on the device.
@@ -123,6 +63,11 @@ class SharpnessEngine:
         # The last phase that ran: "idle" -> ["head" ->] "perturbed" -> "idle". Checked before
         # anything is written: a second perturbation would back up w + e as the weights.
         self.phase = "idle"
+
+    @property
+    def backups(self) -> dict[int, tuple[Tensor, int]]:
+        """Per parameter id: its weight backup and the storage pointer it was made for."""
+        return self._cache.backups
 
     def settings(self) -> dict:
         """The constructor's arguments besides the base optimizer: what a copy is built from."""
@@ -185,100 +130,14 @@ class SharpnessEngine:
     def concrete_backend(self, device: torch.device) -> str:
         return backends.resolve(self.backend, device)
 
-    # ---- gathering the gradients ------------------------------------------------------
-    # These run for every parameter in every phase, so they do as little per parameter as
-    # they can (an attribute read costs ~50 ns): the compiled ops check every tensor in
-    # C++ before they write anything, and the Python checks run only when an op rejects
-    # its input (`_guarded`) or on the reference backend, which checks nothing itself.
-    def _gather(self) -> tuple[list[tuple[int, dict, list[Tensor], list[Tensor]]], Optional[torch.device]]:
-        """Per group (index, group, params with a gradient, those gradients); the first one's device."""
-        out, device = [], None
-        for i, group in enumerate(self.base.param_groups):
-            params = group["params"]
-            grads = [p.grad for p in params]
-            if _has_none(grads):  # frozen or unused parameters
-                keep = [j for j, g in enumerate(grads) if g is not None]
-                params, grads = [params[j] for j in keep], [grads[j] for j in keep]
-            if params:
-                device = device or params[0].device
-                # One device for the whole optimizer, checked here for every backend before any
-                # write: one group on another device used to be stepped with garbage norms.
-                if len(set(map(_validate.device_of, params))) > 1 or params[0].device != device:
-                    other = next(p.device for p in params if p.device != device)
-                    raise ValueError(f"imbsam: parameters are on more than one device ({device} and {other}); "
-                                     "one optimizer handles the parameters of one device")
-            out.append((i, group, params, grads))
-        return out, device
-
-    def _fix_layouts(self, params: list[Tensor], tensors: list[Optional[Tensor]], is_grad: bool = True) -> bool:
-        """Raises a precise error for what cannot run; copies gradients laid out unlike their
-        parameter into its layout (in the list, and ``p.grad`` when ``is_grad``). True if it copied."""
-        changed = False
-        for j, (p, t) in enumerate(zip(params, tensors)):
-            if t is None:
-                continue
-            fixed = self._checked_grad(p, t, assign=is_grad)
-            if fixed is not t:
-                tensors[j], changed = fixed, True
-        return changed
-
-    def _guarded(self, call: Callable[[], object], pairs) -> object:
-        """Runs ``call()``; if the op rejects its input, fixes the layouts in ``pairs``
-        (``(params, tensors, is_grad)``, lists the call reads) and runs it once more. A
-        compiled op validates everything before it writes, so a rejected call changed nothing."""
-        try:
-            return call()
-        except (TypeError, ValueError, RuntimeError):
-            fixed = [self._fix_layouts(*pair) for pair in pairs]  # raises the precise error if it cannot run
-            if not any(fixed):
-                raise
-            return call()
-
-    @staticmethod
-    def _checked_grad(p: Tensor, g: Tensor, assign: bool = True) -> Tensor:
-        """Dense, a supported dtype, and laid out like its parameter (copied if not)."""
-        if g.layout is not torch.strided:
-            raise ValueError(f"imbsam: a parameter of shape {tuple(p.shape)} has a {g.layout} gradient; SAM "
-                             "needs dense gradients (use dense embeddings, e.g. nn.Embedding(sparse=False))")
-        if p.dtype not in _SUPPORTED:
-            raise TypeError(f"imbsam: a parameter has dtype {p.dtype}; supported: {_validate.SUPPORTED_NAMES}")
-        if g.stride() != p.stride() and g.numel():
-            # The kernels walk a parameter and its gradient as one flat array.
-            g = g.new_empty_strided(p.size(), p.stride()).copy_(g)
-            if assign:
-                p.grad = g
-        return g
-
     def _ops(self, gathered, device: torch.device):
         """The backend's registry record and ops for ``device``; for a backend whose ops check
         nothing (the reference), the checks the compiled ops make before they write."""
         backend = backends.record(self.concrete_backend(device))
         if not backend.checks_inputs:
-            for _, _, params, grads in gathered:  # _gather has checked their devices
-                self._fix_layouts(params, grads)
+            for _, _, params, grads in gathered:  # gather() has checked their devices
+                fix_layouts(params, grads)
         return backend, backend.ops
-
-    # ---- the per-group plan --------------------------------------------------------------
-    def _plan(self, index: int, params: list[Tensor]) -> _GroupPlan:
-        """The plan of group ``index`` whose parameters with a gradient are ``params``."""
-        ids = list(map(id, params))
-        # The storage pointers tell whether a parameter's memory was replaced (model.to(),
-        # model.half(), p.data = ...): then it needs a backup of its new dtype and size.
-        ptrs = [p.data_ptr() for p in params]
-        plan = self._plans.get(index)
-        if plan is None or plan.ids != ids or plan.ptrs != ptrs:
-            plan = self._plans[index] = _GroupPlan(params, ids, ptrs, [self._backup(p) for p in params])
-        return plan
-
-    def _backup(self, p: Tensor) -> Tensor:
-        # Kept across steps: one allocation per parameter, and fixed addresses for CUDA graphs.
-        entry = self.backups.get(id(p))
-        ptr = p.data_ptr()
-        if entry is not None and entry[1] == ptr and entry[0].dtype == p.dtype:
-            return entry[0]
-        b = torch.empty_like(p, memory_format=torch.preserve_format)
-        self.backups[id(p)] = (b, ptr)
-        return b
 
     # ---- phases --------------------------------------------------------------------
     @torch.no_grad()
@@ -286,16 +145,16 @@ class SharpnessEngine:
         """ImbSAM's first phase: hand the head gradients over (no copy) and clear ``.grad``."""
         self._check_phase("head")
         self._run_phase_hooks("head")
-        gathered, device = self._gather()
+        gathered, device = gather(self.base.param_groups)
         ops = self._ops(gathered, device)[1] if device is not None else None  # with the reference's checks
         for _, _, params, grads in gathered:
             # Refuse a sparse g_H here, as the other phases do, not at the step.
             if any(layout is not torch.strided for layout in set(map(_validate.layout_of, grads))):
-                self._fix_layouts(params, grads)
+                fix_layouts(params, grads)
         # Only its finiteness is used: a non-finite g_H skips the step, decided on the device
         # like g_T's. One read of g_H (4 bytes a parameter in fp32), while it is fresh.
-        # The list is built inside the call: a retry must read the gradients _guarded repaired.
-        self._head_norm = None if ops is None else self._guarded(
+        # The list is built inside the call: a retry must read the gradients guarded() repaired.
+        self._head_norm = None if ops is None else guarded(
             lambda: ops.grad_norm([g for _, _, _, grads in gathered for g in grads], [], [],
                                   self.defaults["adaptive_eta"]),
             [(params, grads, True) for _, _, params, grads in gathered])
@@ -314,7 +173,7 @@ class SharpnessEngine:
         """w <- w + e from the current gradients (global norm), keeping a backup of w."""
         self._check_phase("perturb")
         self._run_phase_hooks("perturb")
-        gathered, device = self._gather()
+        gathered, device = gather(self.base.param_groups)
         for _, group, _, _ in gathered:  # a group's rho may have been changed since: before any write
             check_group_hypers(group, self.defaults)
         self._perturbed = {}
@@ -324,7 +183,7 @@ class SharpnessEngine:
             return
         _, ops = self._ops(gathered, device)
         eta = self.defaults["adaptive_eta"]
-        plans = {index: self._plan(index, params) for index, _, params, _ in gathered if params}
+        plans = {index: self._cache.plan(index, params) for index, _, params, _ in gathered if params}
         adaptive = {index: self._hyper(group, "adaptive") for index, group, _, _ in gathered}
 
         def norm_inputs():
@@ -340,7 +199,7 @@ class SharpnessEngine:
                     scaled_params += [params[j] for j in plan.scaled]
             return plain, scaled, scaled_params
 
-        self.norm = self._step_norm = self._guarded(
+        self.norm = self._step_norm = guarded(
             lambda: ops.grad_norm(*norm_inputs(), eta), [(params, grads, True) for _, _, params, grads in gathered])
         norm = self.norm
         for index, group, params, grads in gathered:
@@ -348,14 +207,14 @@ class SharpnessEngine:
                 continue
             plan, rho = plans[index], self._hyper(group, "rho")
             if not adaptive[index]:
-                self._guarded(lambda: ops.perturb_(params, grads, plan.backups, norm, rho, eta, False),
+                guarded(lambda: ops.perturb_(params, grads, plan.backups, norm, rho, eta, False),
                               [(params, grads, True)])
             else:
                 for pick, is_scaled in ((plan.plain, False), (plan.scaled, True)):
                     if pick:
                         ps, gs = [params[j] for j in pick], [grads[j] for j in pick]
                         bs = [plan.backups[j] for j in pick]
-                        self._guarded(lambda: ops.perturb_(ps, gs, bs, norm, rho, eta, is_scaled), [(ps, gs, True)])
+                        guarded(lambda: ops.perturb_(ps, gs, bs, norm, rho, eta, is_scaled), [(ps, gs, True)])
             self._perturbed[index] = plan
         self.phase = "perturbed"
 
@@ -416,7 +275,7 @@ class SharpnessEngine:
         perturbed, norm = self._perturbed, self._step_norm
         heads = self.head_grads if with_head else {}
         flags = [norm, self._head_norm if with_head else None, self._reported_inf, found_inf]
-        gathered, device = self._gather()
+        gathered, device = gather(self.base.param_groups)
         # Before the lists below are built: the reference backend's checks may replace a gradient.
         backend_and_ops = self._ops(gathered, device) if device is not None else None
         groups = []  # per group: (group, params, grads, backups, head grads or None)
@@ -438,18 +297,18 @@ class SharpnessEngine:
         backend, ops = backend_and_ops or self._ops(gathered, device)
         # Parameters perturbed but without a gradient now are only restored: after every
         # check below has passed, so that a rejected step leaves all weights at w + e.
-        if backend.fused_sgd and self._fused_sgd_possible():
+        if backend.fused_sgd and fused_sgd_possible(self.base):
             skip = self._skip_flag(flags, device)
             created: list[Tensor] = []  # parameters given a first momentum buffer by this step
             calls = [call for group, ps, gs, bs, hs in groups
-                     for call in self._fused_sgd(group, ps, gs, bs, hs, skip, created)]
+                     for call in fused_sgd_calls(self.base.state, group, ps, gs, bs, hs, skip, created)]
             try:
                 if len(calls) > 1 or restore_params:  # each op checks its own input: none may reject after a write
                     for call in calls:
-                        self._precheck_sgd_step(*call[1:])
+                        precheck_sgd_step(*call[1:])
                 ops.restore_(restore_params, restore_backups)
                 for call in calls:
-                    self._guarded(lambda: ops.restore_sgd_step_(*call[1:]), call[0])
+                    guarded(lambda: ops.restore_sgd_step_(*call[1:]), call[0])
             except BaseException:
                 for p in created:  # a rejected step leaves the base optimizer's state as it was
                     self.base.state[p].pop("momentum_buffer", None)
@@ -461,7 +320,7 @@ class SharpnessEngine:
         # raises leaves .grad as it was, so that a retry does not add g_H twice.
         replaced: list[tuple[Tensor, Tensor]] = []
         for _, ps, gs, _, _ in groups:  # what can be refused before anything is written
-            self._fix_layouts(ps, gs)
+            fix_layouts(ps, gs)
         try:
             ops.restore_(restore_params, restore_backups)
             for _, ps, gs, bs, hs in groups:
@@ -470,7 +329,7 @@ class SharpnessEngine:
                     with_h = [j for j, h in enumerate(hs) if h is not None]
                     ps_h, hs_h = [ps[j] for j in with_h], [hs[j] for j in with_h]
                     gs_h = [gs[j].clone(memory_format=torch.preserve_format) for j in with_h]
-                    self._guarded(lambda: ops.add_head_grads_(gs_h, hs_h), [(ps_h, gs_h, False), (ps_h, hs_h, False)])
+                    guarded(lambda: ops.add_head_grads_(gs_h, hs_h), [(ps_h, gs_h, False), (ps_h, hs_h, False)])
                     for p, g in zip(ps_h, gs_h):
                         replaced.append((p, p.grad))
                         p.grad = g
@@ -485,7 +344,7 @@ class SharpnessEngine:
                 p.grad = g
             raise
 
-    def _irregular_group(self, group: dict, plan: Optional[_GroupPlan], head):
+    def _irregular_group(self, group: dict, plan: Optional[GroupPlan], head):
         """A group whose parameters with gradients changed between phases, one parameter at a time.
 
         Returns its params, grads, backups and head grads (None where absent) for the step,
@@ -506,7 +365,7 @@ class SharpnessEngine:
                 p.grad, g, h = h, h, None  # only the head loss reached it: its gradient is g_H alone
             b = perturbed.get(key)
             if b is None:  # its gradient appeared only now: nothing to undo
-                b = self._backup(p)
+                b = self._cache.backup(p)
                 b.copy_(p)
             ps.append(p)
             gs.append(g)
@@ -530,66 +389,3 @@ class SharpnessEngine:
         for part in parts[1:]:  # maximum keeps a NaN
             skip = torch.maximum(skip, part)
         return skip
-
-    # ---- the fused SGD path ----------------------------------------------------------
-    def _fused_sgd_possible(self) -> bool:
-        # Exactly torch.optim.SGD: a subclass may change the update. `differentiable`
-        # needs autograd through the step, which the compiled ops do not provide.
-        return type(self.base) is torch.optim.SGD and not any(
-            g.get("differentiable", False) for g in self.base.param_groups)
-
-    def _fused_sgd(self, group, ps, gs, bs, hs, found_inf, created: list) -> list:
-        """The restore_sgd_step_ calls of one group, to be run by the caller: per call, the
-        pairs _guarded may repair, then the op's arguments. ``hs``: head gradients (None
-        entries where absent) or None. Parameters given a first buffer go into ``created``."""
-        if not ps:
-            return []
-        momentum = group["momentum"]
-        lr = group["lr"]
-        lr_tensor = None
-        if isinstance(lr, Tensor):
-            lr_tensor, lr = lr.to(device=ps[0].device, dtype=torch.float32), 0.0
-        state = self.base.state
-        # .get: the base state is a defaultdict, and a look-up must not add entries to it.
-        bufs = [state.get(p, {}).get("momentum_buffer") for p in ps] if momentum != 0 else None
-        # The op takes whole lists of head gradients and momentum buffers, or none: one call
-        # per (has head gradient, has momentum buffer) subset; usually there is one.
-        if (hs is None or not _has_none(hs)) and (bufs is None or not _has_none(bufs)):
-            subsets = {(hs is not None, bufs is not None): None}  # None: every index
-        else:
-            subsets = defaultdict(list)
-            for j in range(len(ps)):
-                subsets[(hs is not None and hs[j] is not None, bufs is not None and bufs[j] is not None)].append(j)
-        calls = []
-        for (has_head, has_buf), idx in subsets.items():
-            pick = (lambda xs: xs) if idx is None else (lambda xs, idx=idx: [xs[j] for j in idx])
-            if momentum != 0 and not has_buf:  # SGD's first step: the op writes buf = d
-                for j in idx:
-                    # Zeros, not empty: a skipped first step leaves the buffer as
-                    # allocated, and the next step's momentum * 0 + (1 - dampening) * d
-                    # is SGD's first step exactly when dampening is 0.
-                    bufs[j] = state[ps[j]]["momentum_buffer"] = torch.zeros_like(
-                        ps[j], memory_format=torch.preserve_format)
-                    created.append(ps[j])
-            sp, sg, sh = pick(ps), pick(gs), pick(hs) if has_head else []
-            sb, sbuf = pick(bs), pick(bufs) if momentum != 0 else []
-            calls.append(([(sp, sg, True), (sp, sh, False)] if has_head else [(sp, sg, True)],
-                          sp, sg, sb, sh, sbuf, lr, momentum, group.get("dampening", 0.0),
-                          group.get("weight_decay", 0.0), group.get("nesterov", False), group.get("maximize", False),
-                          not has_buf, lr_tensor, found_inf))
-        return calls
-
-    def _precheck_sgd_step(self, ps, gs, bs, hs, bufs, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                           first, lr_tensor, found_inf) -> None:
-        """The checks restore_sgd_step_ makes before it writes, in Python: when a step takes
-        several calls, all of them pass before the first one writes. Gradients laid out
-        unlike their parameters are copied into their layout first, as _guarded would."""
-        op = "restore_sgd_step_"
-        self._fix_layouts(ps, gs)
-        _validate.check_list(op, ps, "params")
-        _validate.check_all_match(op, ps, "params", (gs, "grads"), (bs, "backups"),
-                                  *([(hs, "head_grads")] if hs else []),
-                                  *([(bufs, "momentum_buffers")] if bufs else []))
-        for name, scalar in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
-            if scalar is not None:
-                _validate.check_scalar_on(op, scalar, name, ps)

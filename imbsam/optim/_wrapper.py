@@ -6,15 +6,8 @@ import itertools
 import torch
 from torch.optim import optimizer as torch_optimizer
 
-from imbsam.optim._engine import (
-    SAM_PHASES,
-    SharpnessEngine,
-    check_adaptive,
-    check_adaptive_eta,
-    check_base_optimizer,
-    check_group_hypers,
-    check_rho,
-)
+from imbsam.optim._engine import SAM_PHASES, SharpnessEngine
+from imbsam.optim._hypers import check_adaptive, check_adaptive_eta, check_base_optimizer, check_group_hypers, check_rho
 
 
 class SharpnessOptimizer(torch.optim.Optimizer):
