@@ -16,7 +16,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imbsam import backends, reference  # noqa: E402
+from imbsam import backends  # noqa: E402
+from imbsam.backends import reference
 
 from bench_common import device_ms, host_ms, kernel_ms, machine_info, median_ms, record_meta, write_records  # noqa: E402
 from param_lists import MODELS, model_shapes  # noqa: E402

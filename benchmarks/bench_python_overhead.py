@@ -32,7 +32,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imbsam  # noqa: E402
-from imbsam import triton_ops  # noqa: E402
+from imbsam.backends.triton import tables as triton_tables  # noqa: E402
 
 from bench_common import machine_info, record_meta, write_records  # noqa: E402
 from param_lists import MODELS, model_shapes  # noqa: E402
@@ -59,7 +59,7 @@ def main(argv=None):
     if args.stub_launches:
         def count_launch(kernel, tables, *a, **meta):
             launches[0] += 1
-        triton_ops._launch = count_launch
+        triton_tables.launch = count_launch
     records, configs = [], []
     for backend_name, (method, cls) in itertools.product(args.backends.split(","),
                                                          (("sam", imbsam.SAM), ("imbsam", imbsam.ImbSAM))):

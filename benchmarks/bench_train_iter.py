@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imbsam  # noqa: E402
-from imbsam.data import long_tail_counts  # noqa: E402
-from imbsam.models import resnet32, resnet34_cifar  # noqa: E402
-from imbsam.train_step import GraphedStep, make_step  # noqa: E402
+from imbsam.train.data import long_tail_counts  # noqa: E402
+from imbsam.train.models import resnet32, resnet34_cifar  # noqa: E402
+from imbsam.train.step import GraphedStep, make_step  # noqa: E402
 
 from bench_common import machine_info, median_ms, record_meta, write_records  # noqa: E402
 

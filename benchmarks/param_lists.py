@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from imbsam.models import resnet32, resnet34_cifar
+from imbsam.train.models import resnet32, resnet34_cifar
 
 MODELS = ("resnet34", "vit_b_16", "resnet32")
 

@@ -1,7 +1,7 @@
 // The one place where every imbsam op's schema is declared. Each device registers its
 // own implementation of these names (cpu/ops_cpu.cpp, cuda/updates.cu, cuda/grad_norm.cu);
 // cuda/probe.cu adds a CUDA-only helper that is not a tensor op. Python adds
-// the fake kernels (imbsam/_fake.py) so torch.compile and CUDA graphs can trace them.
+// the fake kernels (imbsam/backends/compiled.py) so torch.compile and CUDA graphs can trace them.
 #include <Python.h>
 #include <torch/library.h>
 

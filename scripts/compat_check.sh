@@ -53,7 +53,7 @@ fi
 "$py" -c "import os, torch
 if not torch.cuda.is_available(): os.environ.setdefault('TRITON_INTERPRET', '1')
 import imbsam; print('# backends:', imbsam.available_backends(), '| CUDA kernels built:', \
-imbsam._library.has_kernel('CUDA'))" >> "$log"
+imbsam.backends.compiled.has_kernel('CUDA'))" >> "$log"
 status=0
 "$py" -m pytest -q -p no:cacheprovider -n "${COMPAT_WORKERS:-2}" -rs tests 2>&1 \
   | grep -v "Warning\|warnings.warn\|^  \|^$" >> "$log" || status=$?

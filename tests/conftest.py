@@ -27,7 +27,7 @@ torch.backends.cuda.matmul.allow_tf32 = False
 # (auto_functionalize of Tensor(a!)[]); 2.4 rejects every imbsam op when tracing.
 COMPILES_MUTABLE_LISTS = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
-DTYPES = list(imbsam._validate.SUPPORTED)  # every dtype the ops take
+DTYPES = list(imbsam.backends.checks.SUPPORTED)  # every dtype the ops take
 SIZES = [1, 7, 65537, 278011, 0]
 
 
@@ -38,7 +38,7 @@ def fast_backends() -> list[tuple[str, str]]:
 
 FAST = fast_backends()
 fast_backend = pytest.mark.parametrize("backend,device", FAST or [pytest.param("cpp", "cpu", marks=pytest.mark.skip(
-    reason="imbsam._C did not load: " + str(imbsam._library.LOAD_ERROR)))])
+    reason="imbsam._C did not load: " + str(imbsam.backends.compiled.LOAD_ERROR)))])
 
 
 def max_err(a, b) -> float:

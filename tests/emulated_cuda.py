@@ -1,7 +1,7 @@
 """imbsam's CUDA kernels run on the CPU: the device code of csrc/cuda/device/, built by
 clang++ against tests/cuda_emu/cuda_emu.h, called through ctypes.
 
-Each function here has the signature of the op of the same name in ``imbsam.reference``
+Each function here has the signature of the op of the same name in ``imbsam.backends.reference``
 and does what the op's .cu glue does (csrc/cuda/*.cu): group the tensors by dtype, one
 launch sequence per group, the norm's partial-sum slots one group after another. The
 tensors are CPU tensors; the kernels read and write their memory directly.

@@ -6,7 +6,7 @@ import pickle
 
 import numpy as np
 
-from imbsam.data.formats import write_idx
+from imbsam.train.data.formats import write_idx
 
 
 def write_cifar(root: str, num_classes: int, per_class: int, test_per_class: int, seed: int = 0) -> str:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import imbsam
-from imbsam.train_step import make_step
+from imbsam.train.step import make_step
 
 import models
 from models import batches

@@ -8,6 +8,7 @@ import torch
 
 import imbsam
 from imbsam import backends
+from imbsam.backends import registry
 
 from models import batches, small_cnn
 
@@ -37,7 +38,7 @@ def fake_backend(monkeypatch):
     check nothing, first in auto's order on the CPU."""
     fake = backends.Backend("fake", imbsam.reference, devices=("cpu",), fast=True, checks_inputs=False,
                             fused_sgd=False)
-    monkeypatch.setattr(backends, "REGISTRY", {"fake": fake, **backends.REGISTRY})
+    monkeypatch.setattr(registry, "REGISTRY", {"fake": fake, **backends.REGISTRY})
     backends.clear_caches()
     yield fake
     backends.clear_caches()

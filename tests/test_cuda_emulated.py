@@ -1,6 +1,6 @@
 """The CUDA kernels, executed: the device code of csrc/cuda/device/ runs on the CPU
 through the project's emulator (tests/cuda_emu/, driven by tests/emulated_cuda.py) and
-is compared with imbsam.reference on the same inputs.
+is compared with imbsam.backends.reference on the same inputs.
 
 Both kernel-argument variants (4 KiB and 32 KiB metadata) run under all three thread
 orders; every tensor sits between canary bytes, and some start off 16-byte alignment
@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from imbsam import reference
+from imbsam.backends import reference
 
 import emulated_cuda
 from conftest import DTYPES, SIZES

@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 
-from imbsam import _library, backends
+from imbsam import backends
+from imbsam.backends import compiled, registry
 
 NO_IMAGE = "no kernel image is available for execution on the device"
 
@@ -21,9 +22,9 @@ def old_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA A100-SXM4-80GB")
-    monkeypatch.setattr(_library, "has_kernel", lambda key: True)
+    monkeypatch.setattr(compiled, "has_kernel", lambda key: True)
     monkeypatch.setattr(torch.ops.imbsam, "cuda_kernel_image_error", lambda index: NO_IMAGE, raising=False)
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(registry, "_warned", set())
     backends.clear_caches()
     yield
     backends.clear_caches()
@@ -41,13 +42,13 @@ def test_cuda_is_not_declared_available_on_such_a_gpu(old_gpu):
 
 def test_auto_falls_back_with_one_warning(old_gpu):
     device = torch.device("cuda", 0)
-    with pytest.warns(RuntimeWarning, match="cannot use the compiled CUDA kernels.*no kernel image") as caught:
+    with pytest.warns(RuntimeWarning, match="cannot use the 'cuda' backend.*no kernel image") as caught:
         first = backends.resolve("auto", device)
     assert first in ("triton", "reference") and first != "cuda"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same reason is not reported twice
         assert backends.resolve("auto", device) == first
-    assert sum("compiled CUDA kernels" in str(w.message) for w in caught) == 1
+    assert sum("'cuda' backend" in str(w.message) for w in caught) == 1
 
 
 def test_an_explicit_cuda_backend_is_refused_with_the_reason(old_gpu):

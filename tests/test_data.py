@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from imbsam.data import long_tail_counts, shot_split
-from imbsam.data.device_loader import DeviceLoader, random_crop_flip
-from imbsam.data.formats import read_cifar_batch, read_idx, write_idx
-from imbsam.data.sources import load_cifar_lt, load_dataset, load_fmnist_lt
+from imbsam.train.data import long_tail_counts, shot_split
+from imbsam.train.data.device_loader import DeviceLoader, random_crop_flip
+from imbsam.train.data.formats import read_cifar_batch, read_idx, write_idx
+from imbsam.train.data.sources import load_cifar_lt, load_dataset, load_fmnist_lt
 
 from synthetic_data import write_cifar, write_fmnist
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import imbsam
-from imbsam.train_step import make_step
+from imbsam.train.step import make_step
 
 WORLD = 2
 STEPS = 3

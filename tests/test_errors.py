@@ -102,7 +102,7 @@ def test_op_rejects_bad_lists(backend, device):
 
 @pytest.mark.skipif("triton" not in imbsam.available_backends(), reason="needs the triton backend")
 def test_triton_ops_name_the_tensor_that_does_not_match():
-    from imbsam import triton_ops
+    from imbsam.backends.triton import ops as triton_ops
 
     from conftest import device_of
 
@@ -124,29 +124,29 @@ def test_triton_ops_name_the_tensor_that_does_not_match():
 def test_triton_interpreter_runs_the_kernels():
     """With this project's pins the interpreter runs the kernels (a failing probe would
     quietly drop every Triton test: this says so instead)."""
-    triton_ops = pytest.importorskip("imbsam.triton_ops")
-    if triton_ops.IMPORT_ERROR is not None:
-        pytest.skip(f"triton did not import: {triton_ops.IMPORT_ERROR}")
-    assert triton_ops._interpreter_error() is None, triton_ops.why_unusable()
+    probe = pytest.importorskip("imbsam.backends.triton.probe")
+    if probe.IMPORT_ERROR is not None:
+        pytest.skip(f"triton did not import: {probe.IMPORT_ERROR}")
+    assert probe.interpreter_error() is None, probe.why_unusable()
     assert "triton" in imbsam.available_backends()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only where there is no GPU")
 def test_a_broken_triton_interpreter_makes_the_backend_unusable_and_says_why(monkeypatch):
-    from imbsam import triton_ops
-    if triton_ops.IMPORT_ERROR is not None:
-        pytest.skip(f"triton did not import: {triton_ops.IMPORT_ERROR}")
+    from imbsam.backends.triton import probe, tables
+    if probe.IMPORT_ERROR is not None:
+        pytest.skip(f"triton did not import: {probe.IMPORT_ERROR}")
 
     def broken(*args, **kwargs):
         raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
 
-    monkeypatch.setattr(triton_ops, "_launch", broken)
-    triton_ops._interpreter_error.cache_clear()
+    monkeypatch.setattr(tables, "launch", broken)
+    probe.interpreter_error.cache_clear()
     try:
-        assert not triton_ops.usable_on("cpu")
-        assert "interpreter fails on the kernels: TypeError: only 0-dimensional" in triton_ops.why_unusable()
+        assert not probe.usable_on("cpu")
+        assert "interpreter fails on the kernels: TypeError: only 0-dimensional" in probe.why_unusable()
     finally:
-        triton_ops._interpreter_error.cache_clear()
+        probe.interpreter_error.cache_clear()
 
 
 def _optimizer_and_phases(which: str, model):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import imbsam
-from imbsam.train_step import make_step
+from imbsam.train.step import make_step
 
 from conftest import max_err
 from models import small_cnn
@@ -107,7 +107,8 @@ def test_non_finite_gradient_is_skipped_on_the_device(backend):
 @pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="needs the triton backend on CUDA")
 def test_triton_tables_outlive_a_captured_graph():
     """The address tables a graph captured stay alive when the table cache moves on."""
-    from imbsam import triton_ops
+    from imbsam.backends.triton import ops as triton_ops
+    from imbsam.backends.triton import tables
 
     model = small_cnn().cuda()
     eager_model = copy.deepcopy(model)
@@ -124,7 +125,7 @@ def test_triton_tables_outlive_a_captured_graph():
         full_step("sam", model, opt, None, x, y)
     # Push every entry out of the cache, free its memory and write over what was freed.
     pairs = [(torch.randn(5, device="cuda"), torch.randn(5, device="cuda"))  # alive: distinct addresses
-             for _ in range(2 * triton_ops._PLANS_SIZE)]
+             for _ in range(2 * tables.PLANS_SIZE)]
     for a, b in pairs:
         triton_ops.restore_([a], [b])
     torch.cuda.synchronize()
@@ -148,7 +149,8 @@ def test_the_cuda_kernels_have_an_image_for_this_gpu():
 def test_fp32_updates_round_like_the_reference_bit_for_bit(backend):
     # No fused multiply-add (nvcc --fmad=false, Triton's enable_fp_fusion=False): the
     # GPU rounds w + scale * g and w - lr * d as the reference does, on the same GPU.
-    from imbsam import backends, reference
+    from imbsam import backends
+    from imbsam.backends import reference
 
     ops = backends.ops_for(backend)
     gen = torch.Generator().manual_seed(3)
@@ -171,14 +173,15 @@ def test_fp32_updates_round_like_the_reference_bit_for_bit(backend):
 @pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="needs the triton backend on CUDA")
 def test_triton_tables_built_in_a_capture_stay_out_of_the_eager_cache():
     # A capture's table copies run only at replay: an eager call must never read them.
-    from imbsam import triton_ops
+    from imbsam.backends.triton import ops as triton_ops
+    from imbsam.backends.triton import tables
 
     a, b = torch.randn(70001, device="cuda"), torch.randn(70001, device="cuda")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         triton_ops.restore_([a], [b])
-    in_eager = [k for k in triton_ops._PLANS if a.data_ptr() in k[1]]
-    in_capture = [k for k in triton_ops._CAPTURE_PLANS if a.data_ptr() in k[1]]
+    in_eager = [k for k in tables.PLANS if a.data_ptr() in k[1]]
+    in_capture = [k for k in tables.CAPTURE_PLANS if a.data_ptr() in k[1]]
     assert not in_eager and in_capture
     b.fill_(3.0)
     graph.replay()
@@ -192,7 +195,7 @@ def test_triton_tables_built_in_a_capture_stay_out_of_the_eager_cache():
 
 @pytest.mark.skipif("triton" not in GPU_BACKENDS, reason="needs the triton backend on CUDA")
 def test_triton_tables_built_on_one_stream_are_used_safely_on_another():
-    from imbsam import triton_ops
+    from imbsam.backends.triton import ops as triton_ops
 
     a, b = torch.zeros(300001, device="cuda"), torch.randn(300001, device="cuda")
     side = torch.cuda.Stream()
@@ -208,7 +211,7 @@ def test_triton_tables_built_on_one_stream_are_used_safely_on_another():
 
 @pytest.mark.skipif("triton" not in GPU_BACKENDS or torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_triton_runs_on_the_tensors_device_not_the_current_one():
-    from imbsam import triton_ops
+    from imbsam.backends.triton import ops as triton_ops
 
     a, b = torch.zeros(1000, device="cuda:1"), torch.randn(1000, device="cuda:1")
     with torch.cuda.device(0):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import imbsam
-from imbsam import reference
+from imbsam.backends import reference
 
 from conftest import COMPILES_MUTABLE_LISTS, DTYPES, SIZES, assert_close_to_exact, fast_backend, max_err
 
@@ -17,7 +17,7 @@ pytestmark = fast_backend
 
 @pytest.fixture
 def ops(backend):
-    """The module implementing the ops for this backend (same signatures as imbsam.reference)."""
+    """The module implementing the ops for this backend (same signatures as imbsam.backends.reference)."""
     return imbsam.backends.ops_for(backend)
 
 

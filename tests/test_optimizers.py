@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import imbsam
-from imbsam.train_step import make_step
+from imbsam.train.step import make_step
 
 from conftest import fast_backend, max_err
 from models import batches, small_cnn, step_by_hand

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import imbsam
-from imbsam import reference
+from imbsam.backends import reference
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from imbsam import triton_ops
+from imbsam.backends.triton import tables
 
 pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,7 @@ import json, re, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from imbsam import triton_kernels as K
+from imbsam.backends.triton import kernels as K
 
 # The type of every non-constexpr kernel argument: address tables, scalars.
 ARG_TYPES = dict(
@@ -56,7 +56,7 @@ for dtype_name in sys.argv[1:]:
                 pos = {a: i for i, a in enumerate(fn.arg_names)}
                 src = ASTSource(fn=fn, signature={pos[a]: t for a, t in sig.items() if t != "constexpr"},
                                 constants={pos[a]: v for a, v in c.items()})
-            # The options triton_ops._launch passes: no fused multiply-adds.
+            # The options tables.launch passes: no fused multiply-adds.
             ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                  options=dict(enable_fp_fusion=False)).asm["ptx"]
             vector = re.search(r"(ld|st)\.global(\.[a-z0-9]+)*\.v[24]\.", ptx) is not None
@@ -98,11 +98,11 @@ def test_no_kernel_fuses_a_multiply_and_an_add(compiled, dtype):
 def test_alignment_is_decided_per_tensor():
     base = torch.zeros(256)
     aligned = [base[:32], base[64:96]]  # 0 and 256 bytes in
-    plan = triton_ops._build_plan([[base[:32]], [base[32:64]]])  # 128 bytes in: aligned
+    plan = tables.build_plan([[base[:32]], [base[32:64]]])  # 128 bytes in: aligned
     assert [tab.aligned for _, _, tab in plan] == [True]
     # One tensor 4 bytes in (a view into a bucket, say) takes the scalar path alone: the
     # others stay on the 16-byte path in a launch of their own.
     params = [aligned[0], base[129:161], aligned[1]]
     grads = [base[96:128], base[160:192], base[192:224]]
-    plan = triton_ops._build_plan([params, grads])
+    plan = tables.build_plan([params, grads])
     assert sorted((tab.aligned, tab.n_chunks, len(tab.sizes)) for _, _, tab in plan) == [(False, 1, 1), (True, 2, 2)]

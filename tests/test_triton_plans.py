@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imbsam import _validate, triton_ops
+from imbsam.backends import checks as input_checks
+from imbsam.backends.triton import ops as triton_ops
+from imbsam.backends.triton import probe, tables
 
-pytestmark = pytest.mark.skipif(not triton_ops.usable_on("cpu") and not torch.cuda.is_available(),
-                                reason=f"triton unusable here: {triton_ops.why_unusable()}")
+pytestmark = pytest.mark.skipif(not probe.usable_on("cpu") and not torch.cuda.is_available(),
+                                reason=f"triton unusable here: {probe.why_unusable()}")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -18,15 +20,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def checks(monkeypatch):
     """Counts the list validations the ops run, from an empty plan cache (new tensors may
     sit at the addresses of earlier tests' freed ones, whose plans would be found)."""
-    monkeypatch.setattr(triton_ops, "_PLANS", {})
+    monkeypatch.setattr(tables, "PLANS", {})
     count = [0]
-    real = _validate.check_list
+    real = input_checks.check_list
 
     def counted(*args):
         count[0] += 1
         return real(*args)
 
-    monkeypatch.setattr(_validate, "check_list", counted)
+    monkeypatch.setattr(input_checks, "check_list", counted)
     return count
 
 
@@ -54,7 +56,7 @@ def test_tracing_goes_through_the_op():
     assert norm.shape == () and norm.dtype == torch.float32
 
 
-def test_a_set_of_tensors_is_validated_once(checks):
+def test_a_set_of_tensors_ischecksd_once(checks):
     a, b = fresh(), fresh()
     triton_ops.restore_(a, b)
     triton_ops.restore_(a, b)
@@ -78,8 +80,8 @@ def test_a_rejected_call_writes_nothing_and_caches_nothing():
     a, b = fresh(2), fresh(2)
     bad = [b[0], b[1].double()]
     before = [t.clone() for t in a]
-    n_plans = len(triton_ops._PLANS)
+    n_plans = len(tables.PLANS)
     with pytest.raises(TypeError, match="backups\\[1\\] is torch.float64 but params\\[1\\] is torch.float32"):
         triton_ops.restore_(a, bad)
     assert all(torch.equal(x, y) for x, y in zip(a, before))
-    assert len(triton_ops._PLANS) == n_plans
+    assert len(tables.PLANS) == n_plans

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from imbsam.data.formats import read_cifar_batch
 from imbsam.train import main
+from imbsam.train.data.formats import read_cifar_batch
 
 from synthetic_data import write_cifar
 

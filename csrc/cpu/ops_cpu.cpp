@@ -1,5 +1,5 @@
 // CPU implementations of the imbsam ops (schemas in csrc/ops.cpp, spec in
-// imbsam/reference.py). Each op is one pass over memory, parallel over chunks of all
+// imbsam/backends/reference.py). Each op is one pass over memory, parallel over chunks of all
 // tensors; the inner loops are plain fp32/fp64 loops that the compiler vectorises.
 #include <ATen/ATen.h>
 #include <torch/library.h>

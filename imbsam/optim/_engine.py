@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from imbsam import _validate, backends
+from imbsam import backends
+from imbsam.backends import checks
 from imbsam.optim._fused_sgd import fused_sgd_calls, fused_sgd_possible, precheck_sgd_step
 from imbsam.optim._hypers import check_adaptive, check_adaptive_eta, check_group_hypers, check_rho
 from imbsam.optim._inputs import fix_layouts, gather, guarded
@@ -149,7 +150,7 @@ class SharpnessEngine:
         ops = self._ops(gathered, device)[1] if device is not None else None  # with the reference's checks
         for _, _, params, grads in gathered:
             # Refuse a sparse g_H here, as the other phases do, not at the step.
-            if any(layout is not torch.strided for layout in set(map(_validate.layout_of, grads))):
+            if any(layout is not torch.strided for layout in set(map(checks.layout_of, grads))):
                 fix_layouts(params, grads)
         # Only its finiteness is used: a non-finite g_H skips the step, decided on the device
         # like g_T's. One read of g_H (4 bytes a parameter in fp32), while it is fresh.

@@ -9,7 +9,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from imbsam import _validate
+from imbsam.backends import checks
 from imbsam.optim._inputs import fix_layouts, has_none
 
 
@@ -69,10 +69,10 @@ def precheck_sgd_step(ps, gs, bs, hs, bufs, lr, momentum, dampening, weight_deca
     unlike their parameters are copied into their layout first, as guarded() would."""
     op = "restore_sgd_step_"
     fix_layouts(ps, gs)
-    _validate.check_list(op, ps, "params")
-    _validate.check_all_match(op, ps, "params", (gs, "grads"), (bs, "backups"),
+    checks.check_list(op, ps, "params")
+    checks.check_all_match(op, ps, "params", (gs, "grads"), (bs, "backups"),
                               *([(hs, "head_grads")] if hs else []),
                               *([(bufs, "momentum_buffers")] if bufs else []))
     for name, scalar in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
         if scalar is not None:
-            _validate.check_scalar_on(op, scalar, name, ps)
+            checks.check_scalar_on(op, scalar, name, ps)

@@ -13,9 +13,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from imbsam import _validate
+from imbsam.backends import checks
 
-_SUPPORTED = frozenset(_validate.SUPPORTED)
+_SUPPORTED = frozenset(checks.SUPPORTED)
 
 
 def has_none(xs) -> bool:
@@ -40,7 +40,7 @@ def gather(param_groups) -> tuple[list[tuple[int, dict, list[Tensor], list[Tenso
             device = device or params[0].device
             # One device for the whole optimizer, checked here for every backend before any
             # write: one group on another device used to be stepped with garbage norms.
-            if len(set(map(_validate.device_of, params))) > 1 or params[0].device != device:
+            if len(set(map(checks.device_of, params))) > 1 or params[0].device != device:
                 other = next(p.device for p in params if p.device != device)
                 raise ValueError(f"imbsam: parameters are on more than one device ({device} and {other}); "
                                  "one optimizer handles the parameters of one device")
@@ -80,7 +80,7 @@ def checked_grad(p: Tensor, g: Tensor, assign: bool = True) -> Tensor:
         raise ValueError(f"imbsam: a parameter of shape {tuple(p.shape)} has a {g.layout} gradient; SAM "
                          "needs dense gradients (use dense embeddings, e.g. nn.Embedding(sparse=False))")
     if p.dtype not in _SUPPORTED:
-        raise TypeError(f"imbsam: a parameter has dtype {p.dtype}; supported: {_validate.SUPPORTED_NAMES}")
+        raise TypeError(f"imbsam: a parameter has dtype {p.dtype}; supported: {checks.SUPPORTED_NAMES}")
     if g.stride() != p.stride() and g.numel():
         # The kernels walk a parameter and its gradient as one flat array.
         g = g.new_empty_strided(p.size(), p.stride()).copy_(g)

@@ -5,10 +5,10 @@ import argparse
 import math
 
 from imbsam.backends import BACKENDS
-from imbsam.data.sources import DATASETS
-from imbsam.models import MODELS
+from imbsam.train.data.sources import DATASETS
+from imbsam.train.models import MODELS
 from imbsam.train.schedule import DEFAULT_LR_SCHEDULE, LR_SCHEDULES
-from imbsam.train_step import METHODS
+from imbsam.train.step import METHODS
 
 PAPER_SEED = 9826
 

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from imbsam.data.profile import SHOT_GROUPS
+from imbsam.train.data.profile import SHOT_GROUPS
 
 # The progress bar reads the device counters this often (each read is a host sync).
 PROGRESS_EVERY = 20

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 
-from imbsam.data.profile import ACCURACY_KEYS, SHOT_GROUPS
+from imbsam.train.data.profile import ACCURACY_KEYS, SHOT_GROUPS
 
 
 def format_table(rows: list[tuple[str, dict]], title: str = "") -> str:

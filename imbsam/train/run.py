@@ -11,16 +11,16 @@ import torch
 
 import imbsam
 from imbsam import backends
-from imbsam.data import ACCURACY_KEYS, shot_split
-from imbsam.data.device_loader import DeviceLoader
-from imbsam.data.sources import load_dataset
-from imbsam.models import build_model
 from imbsam.train.checkpoint import load_checkpoint, save_checkpoint, write_json
 from imbsam.train.config import validate
+from imbsam.train.data import ACCURACY_KEYS, shot_split
+from imbsam.train.data.device_loader import DeviceLoader
+from imbsam.train.data.sources import load_dataset
 from imbsam.train.loop import group_accuracy, per_class_accuracy, train_epoch
+from imbsam.train.models import build_model
 from imbsam.train.report import format_table, save_plots
 from imbsam.train.schedule import cosine_schedule, lr_schedule_of
-from imbsam.train_step import GraphedStep, make_step
+from imbsam.train.step import GraphedStep, make_step
 
 # Options that must match between a checkpoint and the run that resumes it.
 RESUME_KEYS = ("dataset", "imb_factor", "model", "opt", "rho", "eta", "tail_weight", "lr", "momentum",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from imbsam.data.profile import ACCURACY_KEYS
+from imbsam.train.data.profile import ACCURACY_KEYS
 from imbsam.train.schedule import lr_schedule_of
 
 # The arguments that make two runs different experiments rather than two seeds of one.

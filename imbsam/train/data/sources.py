@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from imbsam.data.formats import read_cifar_batch, read_idx
-from imbsam.data.profile import long_tail_counts
+from imbsam.train.data.formats import read_cifar_batch, read_idx
+from imbsam.train.data.profile import long_tail_counts
 
 FMNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",

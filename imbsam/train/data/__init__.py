@@ -1,4 +1,4 @@
 """Long-tailed datasets: the imbalance profile, loaders of the real file formats, GPU-side batches."""
-from imbsam.data.profile import ACCURACY_KEYS, SHOT_GROUPS, long_tail_counts, shot_split
+from imbsam.train.data.profile import ACCURACY_KEYS, SHOT_GROUPS, long_tail_counts, shot_split
 
 __all__ = ["ACCURACY_KEYS", "SHOT_GROUPS", "long_tail_counts", "shot_split"]

@@ -1,8 +1,8 @@
 """Which implementation of the ops runs: the one table of backends, availability, ``auto``.
 
 Everything that asks "which backends, on which device" (the optimizers, the trainer, the
-benchmarks, the tests) asks this registry: adding a backend is one ``Backend`` record here,
-its ops module, and its availability probe.
+benchmarks, the tests) asks this registry: adding a backend is one ``Backend`` record here
+and its module (ops with the reference's signatures, availability probes); see README.md.
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from typing import Callable
 
 import torch
 
-from imbsam import _library, ops, reference, triton_ops
+from imbsam.backends import compiled, reference
+from imbsam.backends.triton import ops as triton_ops
+from imbsam.backends.triton import probe as triton_probe
 
 
 @dataclass(frozen=True)
@@ -31,22 +33,22 @@ class Backend:
     fused_sgd: bool
     emulated_on: tuple[str, ...] = ()  # device types where it runs only in an emulator (no speed)
     usable_on: Callable[[str], bool] = lambda device_type: True  # noqa: E731
-
-
-def _cuda_built_and_usable(device_type: str) -> bool:
-    return (device_type == "cuda" and torch.cuda.is_available() and _library.has_kernel("CUDA")
-            and cuda_image_error(None) is None)
+    # Why it is not usable here at all (asked only when usable_on says so, for the message).
+    why_unusable: Callable[[], str] = lambda: "it is not usable here"  # noqa: E731
+    # Why it cannot run on one device it is usable on (a GPU it has no code for), or None.
+    unusable_at: Callable[[torch.device], "str | None"] = lambda device: None  # noqa: E731
 
 
 # In the order ``auto`` prefers them on a device: the first fast, non-emulated, usable one.
 REGISTRY: dict[str, Backend] = {b.name: b for b in (
     Backend("reference", reference, devices=("cpu", "cuda"), fast=False, checks_inputs=False, fused_sgd=False),
-    Backend("cpp", ops, devices=("cpu",), fast=True, checks_inputs=True, fused_sgd=True,
-            usable_on=lambda device_type: device_type == "cpu" and _library.has_kernel("CPU")),
-    Backend("cuda", ops, devices=("cuda",), fast=True, checks_inputs=True, fused_sgd=True,
-            usable_on=_cuda_built_and_usable),
+    Backend("cpp", compiled, devices=("cpu",), fast=True, checks_inputs=True, fused_sgd=True,
+            usable_on=compiled.usable_on_cpu, why_unusable=lambda: compiled.why_unusable("CPU")),
+    Backend("cuda", compiled, devices=("cuda",), fast=True, checks_inputs=True, fused_sgd=True,
+            usable_on=compiled.usable_on_cuda, why_unusable=lambda: compiled.why_unusable("CUDA"),
+            unusable_at=compiled.cuda_unusable_at),
     Backend("triton", triton_ops, devices=("cuda", "cpu"), fast=True, checks_inputs=True, fused_sgd=True,
-            emulated_on=("cpu",), usable_on=triton_ops.usable_on),
+            emulated_on=("cpu",), usable_on=triton_probe.usable_on, why_unusable=triton_probe.why_unusable),
 )}
 BACKENDS = ("auto", *REGISTRY)  # what a user may ask for
 
@@ -90,7 +92,7 @@ def backends_for(device_type: str, fast_only: bool = False, emulated: bool = Tru
 
 def clear_caches() -> None:
     """Forgets what was probed (for tests that change what the machine seems to have)."""
-    for cached in (_usable_devices, _available, _backends_for, cuda_image_error):
+    for cached in (_usable_devices, _available, _backends_for, compiled.cuda_image_error):
         cached.cache_clear()
 
 
@@ -99,72 +101,44 @@ def home_device(backend: str) -> str:
     return (_usable_devices()[backend] or REGISTRY[backend].devices)[0]
 
 
-@functools.lru_cache(maxsize=None)
-def cuda_image_error(device_index: int | None) -> str | None:
-    """Why imbsam's CUDA kernels cannot run on this GPU (None when they can): a library
-    built for other architectures has no kernel image for it. Asked once per device."""
-    index = torch.cuda.current_device() if device_index is None else device_index
-    probe = getattr(torch.ops.imbsam, "cuda_kernel_image_error", None) if _library.LOADED else None
-    if probe is None:
-        return "imbsam._C was built without its CUDA kernels"
-    reason = probe(index)
-    if not reason:
-        return None
-    major, minor = torch.cuda.get_device_capability(index)
-    return (f"imbsam._C has no kernel image for {torch.cuda.get_device_name(index)} (compute capability "
-            f"{major}.{minor}): {reason}; rebuild for it with TORCH_CUDA_ARCH_LIST={major}.{minor} "
-            f"pip install --no-build-isolation .")
-
-
-def _cuda_usable_on(device: torch.device) -> bool:
-    return "cuda" in _available() and cuda_image_error(device.index) is None
-
-
 def check_backend_name(backend: str) -> None:
     allowed = ("auto", *REGISTRY)
     if backend not in allowed:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(map(repr, allowed))}")
     if backend != "auto" and backend not in available_backends():
-        raise ValueError(f"backend {backend!r} is not available here ({_why_unavailable(backend)}); "
+        raise ValueError(f"backend {backend!r} is not available here ({REGISTRY[backend].why_unusable()}); "
                          f"available: {available_backends()}")
-
-
-def _why_unavailable(backend: str) -> str:
-    if backend == "triton":
-        return triton_ops.why_unusable()
-    if not _library.LOADED:
-        return f"the compiled library did not load: {_library.LOAD_ERROR}"
-    if backend == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device is visible"
-    if backend == "cuda" and _library.has_kernel("CUDA"):
-        return cuda_image_error(None) or "its kernels cannot run on this GPU"
-    return "imbsam._C was built without its kernels (CUDA toolkit missing at build time?)"
 
 
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for tensors on ``device``; ``auto`` picks the fastest usable one."""
     if backend == "auto":
-        if device.type == "cuda" and _library.has_kernel("CUDA") and torch.cuda.is_available() \
-                and not _cuda_usable_on(device):
-            _warn_once(f"imbsam: backend='auto' cannot use the compiled CUDA kernels on {device}: "
-                       f"{cuda_image_error(device.index)}")
-        for name in _backends_for(device.type, True, False):
-            if name != "cuda" or _cuda_usable_on(device):
-                return name
-        _warn_once(f"imbsam: backend='auto' falls back to the slow 'reference' backend on {device.type}: "
-                   f"{_why_unavailable('cuda' if device.type == 'cuda' else 'cpp')}")
-        return "reference"
-    if backend == "triton":
-        if not triton_ops.usable_on(device.type):
-            raise ValueError(f"backend 'triton' cannot run on {device} tensors: {triton_ops.why_unusable()}")
-        return backend
-    devices = REGISTRY[backend].devices
-    if device.type not in devices:
-        raise ValueError(f"backend {backend!r} runs on {' or '.join(devices)} tensors, but the parameters are on "
-                         f"{device}; use backend='auto' or move the model")
-    if backend == "cuda" and cuda_image_error(device.index) is not None:
-        raise ValueError(f"backend 'cuda' cannot run on {device}: {cuda_image_error(device.index)}")
+        return _auto(device)
+    record = REGISTRY[backend]
+    if device.type not in record.devices:
+        raise ValueError(f"backend {backend!r} runs on {' or '.join(record.devices)} tensors, but the parameters "
+                         f"are on {device}; use backend='auto' or move the model")
+    if device.type not in _usable_devices()[backend]:
+        raise ValueError(f"backend {backend!r} cannot run on {device} tensors: {record.why_unusable()}")
+    reason = record.unusable_at(device)
+    if reason is not None:
+        raise ValueError(f"backend {backend!r} cannot run on {device}: {reason}")
     return backend
+
+
+def _auto(device: torch.device) -> str:
+    """The first fast backend that runs natively on ``device``, else the reference, with a warning."""
+    natives = [b for b in REGISTRY.values() if b.fast and device.type in b.devices and device.type not in b.emulated_on]
+    for b in natives:
+        reason = b.unusable_at(device)
+        if reason is not None:  # there, but not for this device: say so once, then try the next
+            _warn_once(f"imbsam: backend='auto' cannot use the {b.name!r} backend on {device}: {reason}")
+        elif device.type in _usable_devices()[b.name]:
+            return b.name
+    # Why the first fast backend meant for this device is missing (the one a user expects).
+    why = natives[0].why_unusable() if natives else f"no fast backend runs on {device.type}"
+    _warn_once(f"imbsam: backend='auto' falls back to the slow 'reference' backend on {device.type}: {why}")
+    return "reference"
 
 
 _warned: set = set()
