@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "../checks.h"
+#include "../sgd_args.h"
 #include "multi_tensor_cpu.h"
 #include "sum_squares.h"
 
@@ -118,11 +119,6 @@ void add_head_grads_cpu(at::TensorList grads, at::TensorList head_grads) {
     });
   });
 }
-
-struct SgdArgs {
-  double lr, momentum, dampening, weight_decay;
-  bool nesterov, maximize, first_momentum_step;
-};
 
 // restore + combine + SGD on math-precision arrays x = (w, g, backup[, g_H][, buf]), in
 // torch.optim.SGD's order of operations; T is the storage type. SGD steps with the

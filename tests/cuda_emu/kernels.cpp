@@ -117,8 +117,9 @@ int emu_restore_sgd_step(int dtype, int n, void** w, void** g, void** b, void** 
                          const int64_t* numels, double lr, double momentum, double dampening, double weight_decay,
                          int nesterov, int maximize, int first_momentum_step, const float* lr_ptr,
                          const float* found_inf_ptr) {
-  const SgdArgs a{lr,     momentum,     dampening, weight_decay, nesterov != 0, maximize != 0, first_momentum_step != 0,
-                  lr_ptr, found_inf_ptr};
+  const imbsam::SgdArgs a{
+      lr,     momentum,     dampening, weight_decay, nesterov != 0, maximize != 0, first_momentum_step != 0,
+      lr_ptr, found_inf_ptr};
   return with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (head && bufs) {

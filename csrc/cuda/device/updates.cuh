@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../../sgd_args.h"
 #include "chunk.cuh"
 
 namespace imbsam::cuda {
@@ -70,13 +71,6 @@ struct AddFunctor {
     const int64_t n = chunk_pointers(tl, p);
     elementwise_chunk<2, 0b01>(p, n, [](M(&x)[2]) { x[0] += x[1]; });
   }
-};
-
-struct SgdArgs {
-  double lr, momentum, dampening, weight_decay;
-  bool nesterov, maximize, first_momentum_step;
-  const float* lr_ptr;         // replaces lr when not null
-  const float* found_inf_ptr;  // nonzero: restore only
 };
 
 // Lists (w, g, backup[, g_H][, buf]): torch.optim.SGD's update from the restored weight.
