@@ -12,7 +12,7 @@ from imbsam.backends import registry
 
 from models import batches, small_cnn
 
-OPS = ("grad_norm", "perturb_", "restore_", "add_head_grads_", "restore_sgd_step_")
+OPS = imbsam.reference.OPS
 
 
 def test_every_backend_a_user_may_name_has_a_record_with_every_op():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import imbsam
+from imbsam import backends
 
-from conftest import fast_backend
 from models import small_cnn
 
 
@@ -81,23 +81,53 @@ def test_compat_needs_an_optimizer_instance():
         imbsam.compat.SAM(torch.optim.SGD, model, rho=0.05)
 
 
-@fast_backend
-def test_op_rejects_bad_lists(backend, device):
+def bad_op_calls(ops, device):
+    """(error, message, call) for each kind of bad input, on params ``ps`` that a call must not write."""
     ps = [torch.randn(5, device=device), torch.randn(7, device=device)]
-    with pytest.raises(ValueError, match="grads has 1 tensors but params has 2"):
-        torch.ops.imbsam.restore_sgd_step_(ps, ps[:1], ps, [], [], 0.1, 0.0, 0.0, 0.0, False, False, True)
-    with pytest.raises(TypeError, match="dtype Int.*supported dtypes"):
-        torch.ops.imbsam.restore_([torch.zeros(3, dtype=torch.int32, device=device)],
-                                  [torch.zeros(3, dtype=torch.int32, device=device)])
-    with pytest.raises(TypeError, match="backups\\[1\\] is Double"):
-        torch.ops.imbsam.restore_(ps, [ps[0], ps[1].double()])
-    with pytest.raises(ValueError, match="shape"):
-        torch.ops.imbsam.add_head_grads_(ps, [ps[0], torch.randn(8, device=device)])
-    with pytest.raises(ValueError, match="not dense"):
-        view = torch.randn(4, 4, device=device)[:, ::2]
-        torch.ops.imbsam.restore_([view], [view])
-    with pytest.raises(ValueError, match="nesterov"):
-        torch.ops.imbsam.restore_sgd_step_(ps, ps, ps, [], [], 0.1, 0.0, 0.0, 0.0, True, False, True)
+    ints = [torch.zeros(3, dtype=torch.int32, device=device)]
+    gappy = torch.randn(4, 4, device=device)[:, ::2]
+    norm = torch.tensor(1.0, device=device)
+    sgd = dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+               first_momentum_step=True)
+    return ps, [
+        (ValueError, r"grads has 1 tensors but params has 2",
+         lambda: ops.restore_sgd_step_(ps, ps[:1], [p.clone() for p in ps], [], [], **sgd)),
+        (ValueError, r"momentum_buffers has 1 tensors but params has 2",
+         lambda: ops.restore_sgd_step_(ps, ps, [p.clone() for p in ps], [], ps[:1], **{**sgd, "momentum": 0.9})),
+        (ValueError, r"momentum is 0 but momentum_buffers were given",
+         lambda: ops.restore_sgd_step_(ps, ps, [p.clone() for p in ps], [], ps, **sgd)),
+        (ValueError, r"nesterov needs momentum > 0",
+         lambda: ops.restore_sgd_step_(ps, ps, [p.clone() for p in ps], [], [], **{**sgd, "nesterov": True})),
+        (ValueError, r"found_inf must hold one value",
+         lambda: ops.restore_sgd_step_(ps, ps, [p.clone() for p in ps], [], [], **sgd,
+                                       found_inf=torch.zeros(2, device=device))),
+        (TypeError, r"has dtype (Int|torch\.int32); supported dtypes are",
+         lambda: ops.restore_(ints, [t.clone() for t in ints])),
+        (TypeError, r"backups\[1\] is (Double|torch\.float64) but params\[1\] is (Float|torch\.float32)",
+         lambda: ops.restore_(ps, [ps[0].clone(), ps[1].double()])),
+        (ValueError, r"head_grads\[1\] has shape \[?\(?8,?\)?\]? but grads\[1\] has shape",
+         lambda: ops.add_head_grads_(ps, [ps[0], torch.randn(8, device=device)])),
+        (ValueError, r"is not dense in memory", lambda: ops.restore_([gappy], [gappy.clone()])),
+        (ValueError, r"grads\[1\] has shape",
+         lambda: ops.perturb_(ps, [ps[0], torch.randn(8, device=device)], [p.clone() for p in ps], norm, 0.05,
+                              0.01, False)),
+        (ValueError, r"norm must hold one value",
+         lambda: ops.perturb_(ps, ps, [p.clone() for p in ps], torch.ones(2, device=device), 0.05, 0.01, False)),
+        (ValueError, r"adaptive_grads has 1 tensors but adaptive_params has 2",
+         lambda: ops.grad_norm([], ps[:1], ps, 0.01)),
+    ]
+
+
+@pytest.mark.parametrize("backend", imbsam.available_backends())
+def test_every_backend_refuses_bad_input_before_it_writes(backend):
+    """The reference too: its ops run the checks of the fast backends, with their messages."""
+    ops, device = backends.ops_for(backend), backends.home_device(backend)
+    ps, cases = bad_op_calls(ops, device)
+    before = [p.clone() for p in ps]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+        assert all(torch.equal(p, b) for p, b in zip(ps, before)), message
 
 
 @pytest.mark.skipif("triton" not in imbsam.available_backends(), reason="needs the triton backend")

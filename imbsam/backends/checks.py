@@ -1,4 +1,9 @@
-"""Input checks of the Python-registered (Triton) ops: the same messages as csrc/checks.h."""
+"""Input checks of the Python ops (the reference and Triton): the same messages as csrc/checks.h.
+
+One function per op checks its tensor lists (``*_lists``: the Triton ops run it once per
+set of tensors, when they build its plan) and ``check_scalar_on`` / ``check_sgd_options``
+what changes every call. Every backend checks everything before it writes.
+"""
 from __future__ import annotations
 
 import operator
@@ -96,3 +101,43 @@ def check_scalar_on(op: str, s: Tensor, name: str, ref: Sequence[Tensor]) -> Non
         raise ValueError(f"imbsam.{op}: {name} must hold one value, got shape {tuple(s.shape)}")
     if ref and s.device != ref[0].device:
         raise ValueError(f"imbsam.{op}: {name} is on {s.device} but the tensors are on {ref[0].device}")
+
+
+# ---- one check per op --------------------------------------------------------------------
+
+def grad_norm_lists(grads: Sequence[Tensor], adaptive_grads: Sequence[Tensor],
+                    adaptive_params: Sequence[Tensor]) -> None:
+    check_matches("grad_norm", adaptive_params, "adaptive_params", adaptive_grads, "adaptive_grads")
+    check_list("grad_norm", list(grads) + list(adaptive_grads), "grads + adaptive_grads")
+
+
+def perturb_lists(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+    check_list("perturb_", params, "params")
+    check_all_match("perturb_", params, "params", (grads, "grads"), (backups, "backups"))
+
+
+def restore_lists(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+    check_list("restore_", params, "params")
+    check_all_match("restore_", params, "params", (backups, "backups"))
+
+
+def add_head_grads_lists(grads: Sequence[Tensor], head_grads: Sequence[Tensor]) -> None:
+    check_list("add_head_grads_", grads, "grads")
+    check_all_match("add_head_grads_", grads, "grads", (head_grads, "head_grads"))
+
+
+def check_sgd_options(momentum: float, dampening: float, nesterov: bool, momentum_buffers: Sequence[Tensor]) -> None:
+    op = "restore_sgd_step_"
+    if momentum == 0 and momentum_buffers:
+        raise ValueError(f"imbsam.{op}: momentum is 0 but momentum_buffers were given; pass an empty list")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"imbsam.{op}: nesterov needs momentum > 0 and dampening == 0")
+
+
+def sgd_step_lists(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequence[Tensor],
+                   head_grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], momentum: float) -> None:
+    """The lists the SGD step reads: g_H only for ImbSAM, the buffers only with momentum."""
+    others = [(grads, "grads"), (backups, "backups")] + ([(head_grads, "head_grads")] if head_grads else []) + (
+        [(momentum_buffers, "momentum_buffers")] if momentum != 0 else [])
+    check_list("restore_sgd_step_", params, "params")
+    check_all_match("restore_sgd_step_", params, "params", *others)

@@ -26,14 +26,11 @@ except Exception as exc:  # any failure means "no compiled backend", with the re
 
 LOADED = LOAD_ERROR is None
 
-OP_NAMES = ("grad_norm", "perturb_", "restore_", "add_head_grads_", "restore_sgd_step_")
-
-
 def has_kernel(dispatch_key: str) -> bool:
     """Whether every imbsam op has a compiled kernel for ``dispatch_key`` ("CPU", "CUDA")."""
     if not LOADED:
         return False
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"imbsam::{n}", dispatch_key) for n in OP_NAMES)
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"imbsam::{n}", dispatch_key) for n in reference.OPS)
 
 
 # ---- whether the kernels can run here (the registry asks) -------------------------------

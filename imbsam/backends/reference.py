@@ -10,7 +10,8 @@ in-place contract as the compiled op of the same name (``torch.ops.imbsam.<name>
 * ``restore_sgd_step_``    restore, combine and a ``torch.optim.SGD`` step in one pass
 
 Math runs in float32 for bfloat16/float16 tensors and in the tensor's own dtype for
-float32/float64, then rounds once to the tensor's dtype.
+float32/float64, then rounds once to the tensor's dtype. Each op checks its inputs first,
+with the checks (and messages) of the fast backends, so it refuses what they refuse.
 """
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from imbsam.backends import checks
+
+# The ops every backend implements, with these functions' signatures: the one list of them.
+OPS = ("grad_norm", "perturb_", "restore_", "add_head_grads_", "restore_sgd_step_")
 
 # The paper's code adds this to the norm so that a zero gradient gives e = 0, not NaN.
 NORM_EPS = 1e-16
@@ -48,6 +54,7 @@ def grad_norm(
     Returns a 0-d tensor on the tensors' device (CPU for empty lists); float64 when any
     input is float64, else float32. Never synchronises with the host.
     """
+    checks.grad_norm_lists(grads, adaptive_grads, adaptive_params)
     everything = list(grads) + list(adaptive_grads)
     dtype = norm_dtype(everything)
     device = everything[0].device if everything else torch.device("cpu")
@@ -80,6 +87,8 @@ def perturb_(
 
     A non-finite ``norm`` leaves every ``w`` unchanged (e = 0); ``backup`` is still written.
     """
+    checks.perturb_lists(params, grads, backups)
+    checks.check_scalar_on("perturb_", norm, "norm", params)
     for p, g, b in zip(params, grads, backups):
         b.copy_(p)
         dtype = _math_dtype(p)
@@ -93,12 +102,14 @@ def perturb_(
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
     """w <- backup: a copy, so the restore is bitwise exact in every dtype."""
+    checks.restore_lists(params, backups)
     for p, b in zip(params, backups):
         p.copy_(b)
 
 
 def add_head_grads_(grads: Sequence[Tensor], head_grads: Sequence[Tensor]) -> None:
     """ImbSAM's combine: g <- g_T' + g_H."""
+    checks.add_head_grads_lists(grads, head_grads)
     for g, h in zip(grads, head_grads):
         dtype = _math_dtype(g)
         g.copy_(g.to(dtype) + h.to(dtype))
@@ -130,6 +141,11 @@ def restore_sgd_step_(
 
     ``grads`` are read, not modified (``torch.optim.SGD`` does not modify them either).
     """
+    checks.check_sgd_options(momentum, dampening, nesterov, momentum_buffers)
+    checks.sgd_step_lists(params, grads, backups, head_grads, momentum_buffers, momentum)
+    for name, s in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
+        if s is not None:
+            checks.check_scalar_on("restore_sgd_step_", s, name, params)
     restore_(params, backups)
     # The reference may read the flag on the host; the compiled ops never do.
     if found_inf is not None and bool(found_inf.item() != 0):

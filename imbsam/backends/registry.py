@@ -24,7 +24,7 @@ class Backend:
     """One implementation of the ops, and what the engine may rely on it for."""
 
     name: str
-    ops: types.ModuleType  # grad_norm, perturb_, restore_, add_head_grads_, restore_sgd_step_
+    ops: types.ModuleType  # a function per name in reference.OPS, with the reference's signature
     devices: tuple[str, ...]  # the device types it runs on, in the order it prefers them
     fast: bool  # a compiled fast path, compared with the reference by benchmarks and tests
     checks_inputs: bool  # its ops check every input before they write (else the engine checks)
@@ -41,7 +41,7 @@ class Backend:
 
 # In the order ``auto`` prefers them on a device: the first fast, non-emulated, usable one.
 REGISTRY: dict[str, Backend] = {b.name: b for b in (
-    Backend("reference", reference, devices=("cpu", "cuda"), fast=False, checks_inputs=False, fused_sgd=False),
+    Backend("reference", reference, devices=("cpu", "cuda"), fast=False, checks_inputs=True, fused_sgd=False),
     Backend("cpp", compiled, devices=("cpu",), fast=True, checks_inputs=True, fused_sgd=True,
             usable_on=compiled.usable_on_cpu, why_unusable=lambda: compiled.why_unusable("CPU")),
     Backend("cuda", compiled, devices=("cuda",), fast=True, checks_inputs=True, fused_sgd=True,
@@ -92,7 +92,7 @@ def backends_for(device_type: str, fast_only: bool = False, emulated: bool = Tru
 
 def clear_caches() -> None:
     """Forgets what was probed (for tests that change what the machine seems to have)."""
-    for cached in (_usable_devices, _available, _backends_for, compiled.cuda_image_error):
+    for cached in (_usable_devices, _available, _backends_for, _auto, compiled.cuda_image_error):
         cached.cache_clear()
 
 
@@ -126,6 +126,7 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
+@functools.lru_cache(maxsize=None)  # asked every phase; what is usable is fixed for a process
 def _auto(device: torch.device) -> str:
     """The first fast backend that runs natively on ``device``, else the reference, with a warning."""
     natives = [b for b in REGISTRY.values() if b.fast and device.type in b.devices and device.type not in b.emulated_on]

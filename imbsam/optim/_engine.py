@@ -133,7 +133,8 @@ class SharpnessEngine:
 
     def _ops(self, gathered, device: torch.device):
         """The backend's registry record and ops for ``device``; for a backend whose ops check
-        nothing (the reference), the checks the compiled ops make before they write."""
+        nothing (none of the built-in ones: the registry test adds one), the checks the others
+        make before they write."""
         backend = backends.record(self.concrete_backend(device))
         if not backend.checks_inputs:
             for _, _, params, grads in gathered:  # gather() has checked their devices

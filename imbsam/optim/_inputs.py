@@ -4,7 +4,7 @@ gradient, the precise errors for what cannot run, and the one retry after a layo
 These run for every parameter in every phase, so they do as little per parameter as they
 can (an attribute read costs ~50 ns): the compiled ops check every tensor in C++ before
 they write anything, and the Python checks run only when an op rejects its input
-(``guarded``) or for a backend whose ops check nothing (the reference).
+(``guarded``) or for a backend whose ops check nothing.
 """
 from __future__ import annotations
 

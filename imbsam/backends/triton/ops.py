@@ -32,8 +32,7 @@ def _grad_norm_impl(grads: List[Tensor], adaptive_grads: List[Tensor], adaptive_
         return reference.grad_norm(grads, adaptive_grads, adaptive_params, eta_a)
 
     def validate():
-        checks.check_matches("grad_norm", adaptive_params, "adaptive_params", adaptive_grads, "adaptive_grads")
-        checks.check_list("grad_norm", list(grads) + list(adaptive_grads), "grads + adaptive_grads")
+        checks.grad_norm_lists(grads, adaptive_grads, adaptive_params)
 
     first = grads[0] if grads else adaptive_grads[0]
     if grads and adaptive_grads and grads[0].device != adaptive_grads[0].device:
@@ -60,8 +59,7 @@ def _grad_norm_impl(grads: List[Tensor], adaptive_grads: List[Tensor], adaptive_
 def _perturb_impl(params: List[Tensor], grads: List[Tensor], backups: List[Tensor], norm: Tensor, rho: float,
                   eta_a: float, adaptive: bool) -> None:
     def validate():
-        checks.check_list("perturb_", params, "params")
-        checks.check_all_match("perturb_", params, "params", (grads, "grads"), (backups, "backups"))
+        checks.perturb_lists(params, grads, backups)
 
     checks.check_scalar_on("perturb_", norm, "norm", params)
     if not params:
@@ -74,8 +72,7 @@ def _perturb_impl(params: List[Tensor], grads: List[Tensor], backups: List[Tenso
 
 def _restore_impl(params: List[Tensor], backups: List[Tensor]) -> None:
     def validate():
-        checks.check_list("restore_", params, "params")
-        checks.check_all_match("restore_", params, "params", (backups, "backups"))
+        checks.restore_lists(params, backups)
 
     if not params:
         return
@@ -86,8 +83,7 @@ def _restore_impl(params: List[Tensor], backups: List[Tensor]) -> None:
 
 def _add_head_grads_impl(grads: List[Tensor], head_grads: List[Tensor]) -> None:
     def validate():
-        checks.check_list("add_head_grads_", grads, "grads")
-        checks.check_all_match("add_head_grads_", grads, "grads", (head_grads, "head_grads"))
+        checks.add_head_grads_lists(grads, head_grads)
 
     if not grads:
         return
@@ -115,25 +111,18 @@ def _restore_sgd_step_impl(params: List[Tensor], grads: List[Tensor], backups: L
                            dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
                            first_momentum_step: bool, lr_tensor: Optional[Tensor] = None,
                            found_inf: Optional[Tensor] = None) -> None:
-    op = "restore_sgd_step_"
-    if momentum == 0 and momentum_buffers:
-        raise ValueError(f"imbsam.{op}: momentum is 0 but momentum_buffers were given; pass an empty list")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError(f"imbsam.{op}: nesterov needs momentum > 0 and dampening == 0")
+    checks.check_sgd_options(momentum, dampening, nesterov, momentum_buffers)
     lists = [params, grads, backups] + ([head_grads] if head_grads else []) + (
         [momentum_buffers] if momentum != 0 else [])
-    names = ["params", "grads", "backups"] + (["head_grads"] if head_grads else []) + (
-        ["momentum_buffers"] if momentum != 0 else [])
 
     def validate():
-        checks.check_list(op, params, "params")
-        checks.check_all_match(op, params, "params", *zip(lists[1:], names[1:]))
+        checks.sgd_step_lists(params, grads, backups, head_grads, momentum_buffers, momentum)
 
     if not params:
         return
     for name, s in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
         if s is not None:
-            checks.check_scalar_on(op, s, name, params)
+            checks.check_scalar_on("restore_sgd_step_", s, name, params)
     device = params[0].device
     with tables.on_device(params[0]):
         plan = tables.plan_for(lists, validate)
