@@ -48,8 +48,8 @@ if [ ${#APT[@]} -gt 0 ]; then
 fi
 
 # The demo: ResNet-32 on Fashion-MNIST-LT, the paper's optimizer recipe, a few epochs
-# (CPU-sized; the full 200-epoch runs are in the README). In torch's schedule order: the
-# paper's would run the last of 3 epochs at lr 0.
+# (CPU-sized; the full 200-epoch runs are in imbsam/train/README.md). In torch's
+# schedule order: the paper's would run the last of 3 epochs at lr 0.
 EPOCHS=${DEMO_EPOCHS:-3}
 DEMO=runs/demo-fmnist-lt
 rm -rf "$DEMO"  # a demo starts fresh (the trainer never overwrites a checkpoint by itself)

@@ -1,6 +1,6 @@
 """Gradient accumulation through the phase API: k micro-batches whose losses are scaled
 by 1/k, accumulated into .grad before each phase, take the step one whole batch takes;
-so does ImbSAM's recipe that frees each micro-batch's graph (the README's).
+so does ImbSAM's recipe that frees each micro-batch's graph (docs/semantics.md's).
 
 The model has no BatchNorm, whose batch statistics would differ between a micro-batch
 and the whole batch; the sums differ only in their order, so the match is to rounding.
@@ -61,7 +61,7 @@ def swap_grads(params, other):
 
 
 def imbsam_accumulated_graph_by_graph(model, opt, x, y, split):
-    # The README's recipe: each micro-batch's graph is freed at once. Its tail gradient
+    # docs/semantics.md's recipe: each micro-batch's graph is freed at once. Its tail gradient
     # accumulates in buffers of its own (swapped in as .grad for that backward), its head
     # gradient in .grad; after first_step has set .grad aside, the tail sums become .grad.
     params = [p for p in model.parameters() if p.requires_grad]
