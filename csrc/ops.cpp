@@ -1,7 +1,8 @@
 // The one place where every imbsam op's schema is declared. Each device registers its
-// own implementation of these names (cpu/ops_cpu.cpp, cuda/updates.cu, cuda/grad_norm.cu);
-// cuda/probe.cu adds a CUDA-only helper that is not a tensor op. Python adds
-// the fake kernels (imbsam/backends/compiled.py) so torch.compile and CUDA graphs can trace them.
+// own implementation of these names in cpu/ and cuda/, one file per op family under the
+// same name on both (grad_norm, updates); cuda/probe.cu adds a CUDA-only helper that is
+// not a tensor op. Python adds the fake kernels (imbsam/backends/compiled.py) so
+// torch.compile and CUDA graphs can trace them.
 #include <Python.h>
 #include <torch/library.h>
 

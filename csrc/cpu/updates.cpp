@@ -1,6 +1,8 @@
-// CPU implementations of the imbsam ops (schemas in csrc/ops.cpp, spec in
-// imbsam/backends/reference.py). Each op is one pass over memory, parallel over chunks of all
-// tensors; the inner loops are plain fp32/fp64 loops that the compiler vectorises.
+// CPU implementations of the elementwise imbsam ops: perturb, restore, the head-gradient
+// combine and the fused restore + combine + SGD step (schemas in csrc/ops.cpp, spec in
+// imbsam/backends/reference.py; the norm is in grad_norm.cpp, as on CUDA). Each op is one
+// pass over memory, parallel over chunks of all tensors; the inner loops are plain
+// fp32/fp64 loops that the compiler vectorises.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -10,48 +12,9 @@
 #include "../checks.h"
 #include "../sgd_args.h"
 #include "multi_tensor_cpu.h"
-#include "sum_squares.h"
 
 namespace imbsam::cpu {
 namespace {
-
-at::Tensor grad_norm_cpu(at::TensorList grads, at::TensorList adaptive_grads, at::TensorList adaptive_params,
-                         double eta_a) {
-  check_matches("grad_norm", adaptive_params, "adaptive_params", adaptive_grads, "adaptive_grads");
-  // One work list over both lists; partial sums land in a fixed slot per chunk and are
-  // added in order, so the norm does not depend on the thread count.
-  std::vector<at::Tensor> all(grads.begin(), grads.end());
-  all.insert(all.end(), adaptive_grads.begin(), adaptive_grads.end());
-  check_list("grad_norm", all, "grads + adaptive_grads");
-  const auto chunks = make_chunks(all);
-  std::vector<double> partial(chunks.size(), 0.0);
-  const auto n_plain = static_cast<int64_t>(grads.size());
-  bool any_double = false;
-  for (const auto& t : all) any_double |= t.scalar_type() == at::kDouble;
-  for_each_chunk(chunks, [&](int64_t slot, const Chunk& c) {
-    const at::Tensor& g = all[c.tensor];
-    dispatch_float(g.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      using M = math_t<T>;
-      double sum = 0.0;
-      if (c.tensor < n_plain) {
-        T* p[1] = {ptr<T>(g) + c.begin};
-        in_math_precision<1, 0>(p, c.end - c.begin, [&](M* const* x, int64_t n) {
-          sum += sum_squares(x[0], static_cast<const M*>(nullptr), M(0), n);
-        });
-      } else {
-        T* p[2] = {ptr<T>(g) + c.begin, ptr<T>(adaptive_params[c.tensor - n_plain]) + c.begin};
-        in_math_precision<2, 0>(p, c.end - c.begin, [&](M* const* x, int64_t n) {
-          sum += sum_squares(x[0], x[1], static_cast<M>(eta_a), n);
-        });
-      }
-      partial[slot] = sum;
-    });
-  });
-  double total = 0.0;
-  for (double p : partial) total += p;
-  return at::scalar_tensor(std::sqrt(total), at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat));
-}
 
 // dst <- src for matching lists: a raw copy, bitwise exact in every dtype.
 void copy_lists(at::TensorList dst, at::TensorList src) {
@@ -223,7 +186,6 @@ void restore_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imbsam, CPU, m) {
-  m.impl("grad_norm", &grad_norm_cpu);
   m.impl("perturb_", &perturb_cpu);
   m.impl("restore_", &restore_cpu);
   m.impl("add_head_grads_", &add_head_grads_cpu);
