@@ -12,7 +12,9 @@ from imbsam.backends import available_backends, reference
 from imbsam.backends import compiled as ops
 from imbsam.losses import HeadTailLoss, tail_class_mask
 from imbsam.optim import SAM, ImbSAM
+from imbsam.optim.data_parallel import sync_data_parallel
 
 __version__ = "0.1.0"
 
-__all__ = ["SAM", "ImbSAM", "HeadTailLoss", "tail_class_mask", "available_backends", "compat", "ops", "reference"]
+__all__ = ["SAM", "ImbSAM", "HeadTailLoss", "tail_class_mask", "available_backends", "compat", "ops", "reference",
+           "sync_data_parallel"]

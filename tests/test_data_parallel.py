@@ -1,0 +1,161 @@
+"""SAM and ImbSAM under DistributedDataParallel with ``imbsam.sync_data_parallel``: two CPU
+processes (gloo on 127.0.0.1), each with half of every batch, take the step one process
+takes on the whole batch; DDP alone leaves ImbSAM's tail gradient local.
+
+All configurations run in one launch of the two ranks (a launch costs seconds); each
+rank saves its weights, momentum buffers and how many all-reduces imbsam issued.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import imbsam
+from imbsam.train.step import make_step
+
+from ranks import needs_gloo, run_ranks
+
+WORLD = 2
+STEPS = 3
+COUNTS = [400, 200, 100, 10, 5]  # classes 3 and 4 are tail
+KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+BACKENDS = [b for b in ("reference", "cpp") if b in imbsam.available_backends()]
+KINDS = ("sgd", "sam", "asam", "imbsam", "compat imbsam")
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)  # no BatchNorm: per-rank batch statistics would differ from whole-batch ones
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, len(COUNTS)))
+
+
+def batches():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 6, generator=gen), torch.randint(0, len(COUNTS), (8,), generator=gen))
+            for _ in range(STEPS)]
+
+
+def optimizer(kind: str, net: torch.nn.Module, backend: str):
+    params = net.parameters()
+    if kind == "sgd":
+        return torch.optim.SGD(params, **KW)
+    if kind == "compat imbsam":  # the paper's own loop and adapter
+        return imbsam.compat.ImbSAM(torch.optim.SGD(params, **KW), net, rho=0.5, backend=backend)
+    if kind == "imbsam":
+        return imbsam.ImbSAM(params, torch.optim.SGD, rho=0.5, backend=backend, **KW)
+    return imbsam.SAM(params, torch.optim.SGD, rho=0.5, adaptive=kind == "asam", backend=backend, **KW)
+
+
+def train(kind: str, backend: str, rank: int = 0, world: int = 1, how: str = "one process") -> dict:
+    """Three steps; ``how``: "one process" (whole batches), "ddp" (+ sync_data_parallel),
+    "ddp alone", "ddp bucket views", "ddp local" (perturbation="local"), or "hook local":
+    the m-sharpness step written by hand (a phase hook averages every phase but the
+    perturbation's, without DDP)."""
+    model = mlp()
+    net = DDP(model, gradient_as_bucket_view=how == "ddp bucket views") if how.startswith("ddp") else model
+    opt = optimizer(kind, net, backend)
+    if how in ("ddp", "ddp bucket views", "ddp local") and kind != "sgd":
+        imbsam.sync_data_parallel(opt, net, perturbation="local" if how == "ddp local" else "global")
+    if how == "hook local":
+        def average_but_perturb(phase, params, grads):
+            if phase != "perturb":
+                for g in grads:
+                    dist.all_reduce(g)
+                    g.div_(world)
+        opt.register_phase_hook(average_but_perturb)
+    step = make_step({"asam": "sam", "compat imbsam": "imbsam"}.get(kind, kind), net, opt, imbsam.HeadTailLoss(COUNTS))
+    for x, y in batches():
+        step(x[rank::world], y[rank::world])  # each rank's mean loss; their average is the whole batch's
+    base = opt if kind == "sgd" else opt.optimizer if kind == "compat imbsam" else opt.base_optimizer
+    return dict(params=[p.detach().clone() for p in model.parameters()],
+                buffers=[base.state[p]["momentum_buffer"].clone() for p in model.parameters()])
+
+
+CONFIGS = ([(kind, backend, "ddp") for kind in KINDS for backend in BACKENDS]
+           + [("imbsam", BACKENDS[-1], how) for how in ("ddp alone", "ddp bucket views")]
+           + [(kind, BACKENDS[-1], how) for kind in ("sam", "imbsam") for how in ("ddp local", "hook local")])
+
+
+def _rank(rank: int, world: int, path: str) -> None:
+    real_all_reduce, calls = dist.all_reduce, [0]
+
+    def counted(*args, **kwargs):  # imbsam's collectives (DDP's own run in C++, uncounted)
+        calls[0] += 1
+        return real_all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted
+    results = {}
+    for config in CONFIGS:
+        calls[0] = 0
+        results[config] = dict(train(*config[:2], rank, world, config[2]), all_reduces=calls[0])
+    torch.save(results, path)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    paths = run_ranks(_rank, (), str(tmp_path_factory.mktemp("ddp") / "results"), WORLD)
+    return [torch.load(path) for path in paths]
+
+
+def assert_close(got: list, want: list, atol: float = 1e-6) -> None:
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=0, atol=atol), (a - b).abs().max().item()
+
+
+def max_diff(got: list, want: list) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(got, want))
+
+
+@needs_gloo
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_ddp_with_sync_takes_the_whole_batch_step(ranks, kind, backend):
+    config = (kind, backend, "ddp")
+    for key in ("params", "buffers"):
+        for a, b in zip(ranks[0][config][key], ranks[1][config][key]):
+            assert torch.equal(a, b)  # every rank took the same step
+    want = train(kind, backend)
+    assert_close(ranks[0][config]["params"], want["params"])
+    assert_close(ranks[0][config]["buffers"], want["buffers"])
+    # The fewest collectives: DDP averaged SAM's two backward passes and ImbSAM's head and
+    # perturbed ones; imbsam all-reduces only ImbSAM's tail gradient, once a step.
+    assert ranks[0][config]["all_reduces"] == (STEPS if kind.endswith("imbsam") else 0)
+
+
+@needs_gloo
+def test_ddp_alone_leaves_imbsam_perturbing_with_each_ranks_tail_gradient(ranks):
+    """Why sync_data_parallel exists: without it the ranks agree, and are wrong."""
+    config = ("imbsam", BACKENDS[-1], "ddp alone")
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0][config]["params"], ranks[1][config]["params"]))
+    assert max_diff(ranks[0][config]["params"], train("imbsam", BACKENDS[-1])["params"]) > 1e-3
+
+
+@needs_gloo
+def test_gradients_as_bucket_views_leave_the_head_gradient_intact(ranks):
+    config = ("imbsam", BACKENDS[-1], "ddp bucket views")
+    assert_close(ranks[0][config]["params"], train("imbsam", BACKENDS[-1])["params"])
+
+
+@needs_gloo
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_local_perturbation_is_m_sharpness(ranks, kind):
+    """perturbation="local" is the per-rank perturbation written by hand, and not the global one."""
+    local, by_hand = (ranks[0][(kind, BACKENDS[-1], how)] for how in ("ddp local", "hook local"))
+    assert_close(local["params"], by_hand["params"])
+    assert_close(local["buffers"], by_hand["buffers"])
+    assert max_diff(local["params"], train(kind, BACKENDS[-1])["params"]) > 1e-3
+    for a, b in zip(ranks[0][(kind, BACKENDS[-1], "ddp local")]["params"],
+                    ranks[1][(kind, BACKENDS[-1], "ddp local")]["params"]):
+        assert torch.equal(a, b)  # the step itself is still averaged: the ranks agree
+
+
+def test_sync_data_parallel_refuses_what_it_cannot_sync():
+    model = mlp()
+    opt = imbsam.ImbSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    with pytest.raises(TypeError, match="DistributedDataParallel model"):
+        imbsam.sync_data_parallel(opt, model)
+    with pytest.raises(TypeError, match="an imbsam optimizer"):
+        imbsam.sync_data_parallel(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with pytest.raises(ValueError, match="perturbation='per-rank'; allowed: 'global', 'local'"):
+        imbsam.sync_data_parallel(opt, model, perturbation="per-rank")
