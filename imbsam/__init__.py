@@ -13,8 +13,9 @@ from imbsam.backends import compiled as ops
 from imbsam.losses import HeadTailLoss, tail_class_mask
 from imbsam.optim import SAM, ImbSAM
 from imbsam.optim.data_parallel import sync_data_parallel
+from imbsam.optim.grad_scaler import use_grad_scaler
 
 __version__ = "0.1.0"
 
 __all__ = ["SAM", "ImbSAM", "HeadTailLoss", "tail_class_mask", "available_backends", "compat", "ops", "reference",
-           "sync_data_parallel"]
+           "sync_data_parallel", "use_grad_scaler"]

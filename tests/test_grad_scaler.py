@@ -1,0 +1,161 @@
+"""SAM and ImbSAM with torch.amp.GradScaler through ``imbsam.use_grad_scaler``: a scaled run
+is the unscaled run, an overflow in any phase skips the step without touching weights or
+momentum and backs the scale off, and the next step is taken (on the CPU: GradScaler("cpu"))."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import imbsam
+
+COUNTS = [400, 200, 100, 10, 5]  # classes 3 and 4 are tail
+KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+BACKENDS = [b for b in ("reference", "cpp") if b in imbsam.available_backends()]
+SCALE = 2.0 ** 12  # a power of two: scaling and unscaling are exact, the runs equal bit for bit
+PHASES = {"sam": ("perturb", "step"), "imbsam": ("head", "perturb", "step")}
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, len(COUNTS)))
+
+
+def batches(n: int = 3):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 6, generator=gen), torch.randint(0, len(COUNTS), (8,), generator=gen)) for _ in range(n)]
+
+
+def setup(kind: str, backend: str, scaler=None):
+    model = mlp()
+    cls = imbsam.ImbSAM if kind == "imbsam" else imbsam.SAM
+    opt = cls(model.parameters(), torch.optim.SGD, rho=0.5, backend=backend, **KW)
+    if scaler is not None:
+        imbsam.use_grad_scaler(opt, scaler)
+    return model, opt
+
+
+def one_step(kind, model, opt, x, y, scale=lambda loss: loss, overflow_in=None):
+    """One step through the phases, each loss scaled by ``scale``; the backward before
+    phase ``overflow_in`` gets an infinite gradient."""
+    def backward(loss, phase, **kw):
+        if phase == overflow_in:
+            loss = loss * float("inf")
+        scale(loss).backward(**kw)
+
+    if kind == "imbsam":
+        split = imbsam.HeadTailLoss(COUNTS)
+        head, tail = split(model(x), y)
+        backward(head, "head", retain_graph=True)
+        opt.first_step()
+        backward(tail, "perturb")
+        opt.second_step()
+        backward(split(model(x), y)[1], "step")
+        opt.third_step()
+    else:
+        backward(F.cross_entropy(model(x), y), "perturb")
+        opt.first_step(zero_grad=True)
+        backward(F.cross_entropy(model(x), y), "step")
+        opt.second_step(zero_grad=True)
+
+
+def state(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()
+             if "momentum_buffer" in opt.base_optimizer.state[p]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_a_scaled_run_is_the_unscaled_run(kind, backend):
+    plain = setup(kind, backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000)
+    scaled = setup(kind, backend, scaler)
+    for x, y in batches():
+        one_step(kind, *plain, x, y)
+        one_step(kind, *scaled, x, y, scale=scaler.scale)
+        scaler.update()
+    for a, b in zip(*(state(*run) for run in (plain, scaled))):
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert scaler.get_scale() == SCALE  # no step overflowed, none was skipped
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,phase", [(k, p) for k in PHASES for p in PHASES[k]])
+def test_an_overflow_in_any_phase_skips_the_step_and_backs_off(kind, phase, backend):
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, backoff_factor=0.5, growth_interval=1000)
+    model, opt = setup(kind, backend, scaler)
+    (x, y), (x2, y2) = batches(2)
+    one_step(kind, model, opt, x, y, scale=scaler.scale)  # a step first: momentum buffers exist
+    scaler.update()
+    before = state(model, opt)
+    one_step(kind, model, opt, x2, y2, scale=scaler.scale, overflow_in=phase)
+    after = state(model, opt)
+    for a, b in zip(before, after):
+        assert all(torch.equal(p, q) for p, q in zip(a, b)), f"an overflow in {phase} changed the state"
+    scaler.update()
+    assert scaler.get_scale() == SCALE / 2
+    one_step(kind, model, opt, x2, y2, scale=scaler.scale)  # the next step is taken
+    scaler.update()
+    assert any(not torch.equal(p, q) for p, q in zip(before[0], state(model, opt)[0]))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_scale_grows_after_a_run_of_good_steps():
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_factor=2.0, growth_interval=2)
+    model, opt = setup("imbsam", BACKENDS[-1], scaler)
+    for x, y in batches(2):
+        one_step("imbsam", model, opt, x, y, scale=scaler.scale)
+        scaler.update()
+    assert scaler.get_scale() == 2 * SCALE
+
+
+def test_fp16_autocast_with_a_scaler_trains_close_to_fp32():
+    """The whole recipe as a user writes it: fp16 autocast, scaled losses, scaler.update()."""
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.nn.Linear(2, 2)(torch.ones(1, 2))
+    except RuntimeError as exc:  # an older torch without fp16 autocast on the CPU
+        pytest.skip(f"no fp16 autocast on the CPU here: {exc}")
+    fp32 = setup("imbsam", BACKENDS[-1])
+    scaler = torch.amp.GradScaler("cpu")
+    model, opt = setup("imbsam", BACKENDS[-1], scaler)
+    split = imbsam.HeadTailLoss(COUNTS)
+    for x, y in batches():
+        one_step("imbsam", *fp32, x, y)
+        with torch.autocast("cpu", dtype=torch.float16):
+            head, tail = split(model(x), y)
+        scaler.scale(head).backward(retain_graph=True)
+        opt.first_step()
+        scaler.scale(tail).backward()
+        opt.second_step()
+        with torch.autocast("cpu", dtype=torch.float16):
+            tail = split(model(x), y)[1]
+        scaler.scale(tail).backward()
+        opt.third_step()
+        scaler.update()
+    for p, q in zip(model.parameters(), fp32[0].parameters()):
+        assert torch.allclose(p, q, atol=2e-2), (p - q).abs().max().item()
+
+
+def test_use_grad_scaler_refuses_what_it_cannot_use():
+    model, opt = setup("sam", BACKENDS[-1])
+    with pytest.raises(TypeError, match="takes a torch.amp.GradScaler"):
+        imbsam.use_grad_scaler(opt, object())
+    with pytest.raises(TypeError, match="an imbsam optimizer"):
+        imbsam.use_grad_scaler(torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu"))
+
+
+def test_a_step_without_scaler_update_before_it_is_refused_before_it_writes():
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    model, opt = setup("sam", BACKENDS[-1], scaler)
+    (x, y), (x2, y2) = batches(2)
+    one_step("sam", model, opt, x, y, scale=scaler.scale)  # no scaler.update() after it
+    scaler.scale(F.cross_entropy(model(x2), y2)).backward()
+    opt.first_step(zero_grad=True)
+    scaler.scale(F.cross_entropy(model(x2), y2)).backward()
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="since the last update"):
+        opt.second_step(zero_grad=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), perturbed))  # still at w + e
+    opt.abandon_step()
