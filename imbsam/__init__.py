@@ -10,6 +10,7 @@ compiled ones (both in ``imbsam.backends``); ``imbsam.compat`` the paper's
 from imbsam import compat
 from imbsam.backends import available_backends, reference
 from imbsam.backends import compiled as ops
+from imbsam.batch_norm import frozen_running_stats
 from imbsam.losses import HeadTailLoss, tail_class_mask
 from imbsam.optim import SAM, ImbSAM
 from imbsam.optim.data_parallel import sync_data_parallel
@@ -18,4 +19,5 @@ from imbsam.optim.grad_scaler import use_grad_scaler
 __version__ = "0.1.0"
 
 __all__ = ["SAM", "ImbSAM", "HeadTailLoss", "tail_class_mask", "available_backends", "compat", "ops", "reference",
-           "sync_data_parallel", "use_grad_scaler"]
+           "sync_data_parallel", "use_grad_scaler",
+           "frozen_running_stats"]

@@ -98,6 +98,19 @@ def test_a_checkpoint_from_before_the_schedule_option_resumes_in_torch_order(cif
     assert main(args(cifar_root, out, "--opt", "sgd", "--lr-schedule", "torch", "--resume"))["epochs"] == 2
 
 
+def test_a_checkpoint_from_before_the_bn_option_resumes_updating_the_statistics(cifar_root, tmp_path):
+    out = str(tmp_path / "run")
+    main(args(cifar_root, out, "--opt", "sam", "--max-epochs-this-run", "1"))
+    path = os.path.join(out, "checkpoint.pt")
+    ck = torch.load(path, weights_only=True)
+    del ck["args"]["perturbed_bn_stats"]  # what runs saved before the option recorded
+    torch.save(ck, path)
+    with pytest.raises(SystemExit, match="perturbed_bn_stats='keep' \\(checkpoint: 'update'\\)"):
+        main(args(cifar_root, out, "--opt", "sam", "--perturbed-bn-stats", "keep", "--resume"))
+    metrics = main(args(cifar_root, out, "--opt", "sam", "--resume"))
+    assert metrics["epochs"] == 2 and metrics["args"]["perturbed_bn_stats"] == "update"
+
+
 def test_runs_of_the_two_schedule_orders_are_two_recipes():
     from imbsam.train.seeds import recipe_of
     old = dict(opt="sgd", args=dict(seed=1, epochs=200))  # saved before the option: torch's order

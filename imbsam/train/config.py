@@ -7,10 +7,19 @@ import math
 from imbsam.backends import BACKENDS
 from imbsam.train.data.sources import DATASETS
 from imbsam.train.models import MODELS
-from imbsam.train.schedule import DEFAULT_LR_SCHEDULE, LR_SCHEDULES
-from imbsam.train.step import METHODS
+from imbsam.train.schedule import DEFAULT_LR_SCHEDULE, LR_SCHEDULE_OF_OLDER_RUNS, LR_SCHEDULES
+from imbsam.train.step import METHODS, PERTURBED_BN_STATS
 
 PAPER_SEED = 9826
+
+# What runs recorded before an option existed used (their saved args lack it): the one
+# place a checkpoint's or a metrics file's arguments are completed (resume, seed tables).
+DEFAULTS_OF_OLDER_RUNS = {"lr_schedule": LR_SCHEDULE_OF_OLDER_RUNS, "perturbed_bn_stats": "update"}
+
+
+def as_recorded(args: dict) -> dict:
+    """A run's recorded arguments, with what older runs used for the options they lack."""
+    return {**DEFAULTS_OF_OLDER_RUNS, **args}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--lr-schedule", default=DEFAULT_LR_SCHEDULE, choices=LR_SCHEDULES,
                    help="cosine to 0 over the epochs, stepped as the paper's loop does (before each epoch: epochs "
                         "at lr(1)..lr(T), the last at 0) or as torch documents (after each epoch: lr(0)..lr(T-1))")
+    m.add_argument("--perturbed-bn-stats", default=PERTURBED_BN_STATS[0], choices=PERTURBED_BN_STATS,
+                   help="whether SAM's and ImbSAM's forward at the perturbed weights updates BatchNorm's running "
+                        "statistics (update: the paper's recipe) or leaves them as the first forward left them")
     t = ap.add_argument_group("run")
     t.add_argument("--epochs", type=int, default=200)
     t.add_argument("--batch-size", type=int, default=64)

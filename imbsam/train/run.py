@@ -12,19 +12,20 @@ import torch
 import imbsam
 from imbsam import backends
 from imbsam.train.checkpoint import load_checkpoint, save_checkpoint, write_json
-from imbsam.train.config import validate
+from imbsam.train.config import as_recorded, validate
 from imbsam.train.data import ACCURACY_KEYS, shot_split
 from imbsam.train.data.device_loader import DeviceLoader
 from imbsam.train.data.sources import load_dataset
 from imbsam.train.loop import group_accuracy, per_class_accuracy, train_epoch
 from imbsam.train.models import build_model
 from imbsam.train.report import format_table, save_plots
-from imbsam.train.schedule import cosine_schedule, lr_schedule_of
+from imbsam.train.schedule import cosine_schedule
 from imbsam.train.step import GraphedStep, make_step
 
 # Options that must match between a checkpoint and the run that resumes it.
 RESUME_KEYS = ("dataset", "imb_factor", "model", "opt", "rho", "eta", "tail_weight", "lr", "momentum",
-               "weight_decay", "lr_schedule", "epochs", "batch_size", "seed", "amp", "cuda_graph")
+               "weight_decay", "lr_schedule", "epochs", "batch_size", "seed", "amp", "cuda_graph",
+               "perturbed_bn_stats")
 
 
 class Log:
@@ -112,14 +113,14 @@ def run(args: argparse.Namespace) -> dict | None:
     test_loader = DeviceLoader(data.test_x, data.test_y, 500, data.mean, data.std, device, train=False,
                                channels_last=args.channels_last)
     amp = torch.bfloat16 if args.amp == "bf16" else None
-    step = make_step(args.opt, model, optimizer, split, autocast_dtype=amp)
+    step = make_step(args.opt, model, optimizer, split, autocast_dtype=amp, perturbed_bn_stats=args.perturbed_bn_stats)
     if args.cuda_graph:
         step = GraphedStep(step)
 
     start_epoch, history, wall = 0, [], 0.0
     if args.resume:
         ck = load_checkpoint(ckpt_path, device)
-        saved = dict(ck["args"], lr_schedule=lr_schedule_of(ck["args"]))
+        saved = as_recorded(ck["args"])
         mismatched = [k for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
         if mismatched:
             raise SystemExit("--resume with options that differ from the checkpoint's: " + ", ".join(

@@ -22,11 +22,6 @@ DEFAULT_LR_SCHEDULE = "paper"  # the defaults are the paper's CIFAR-100-LT recip
 LR_SCHEDULE_OF_OLDER_RUNS = "torch"
 
 
-def lr_schedule_of(args: dict) -> str:
-    """The order a run's recorded arguments (a checkpoint's or metrics' ``args``) used."""
-    return args.get("lr_schedule", LR_SCHEDULE_OF_OLDER_RUNS)
-
-
 def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, order: str):
     """A ``CosineAnnealingLR`` to 0 over ``epochs``, to be stepped after each epoch; for
     ``paper`` it has taken its first step already, which is the paper's step before epoch 1."""

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from imbsam.train.config import as_recorded
 from imbsam.train.data.profile import ACCURACY_KEYS
-from imbsam.train.schedule import lr_schedule_of
 
 # The arguments that make two runs different experiments rather than two seeds of one.
 RECIPE_KEYS = ("dataset", "imb_factor", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-               "lr_schedule", "rho", "eta", "tail_weight", "amp")
+               "lr_schedule", "rho", "eta", "tail_weight", "amp", "perturbed_bn_stats")
 
 
 def seed_of(metrics: dict):
@@ -23,11 +23,10 @@ def seed_of(metrics: dict):
 
 
 def recipe_of(metrics: dict) -> dict:
-    args = metrics.get("args", {})
+    args = as_recorded(metrics.get("args", {}))
     recipe = {k: args.get(k, metrics.get(k)) for k in RECIPE_KEYS}
-    recipe["lr_schedule"] = lr_schedule_of(args)
     if metrics["opt"] == "sgd":  # SGD ignores SAM's and ImbSAM's settings: they must not split its seeds
-        for k in ("rho", "eta", "tail_weight"):
+        for k in ("rho", "eta", "tail_weight", "perturbed_bn_stats"):
             recipe[k] = None
     return recipe
 

@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from imbsam.batch_norm import frozen_running_stats
 from imbsam.losses import HeadTailLoss
 
 METHODS = ("sgd", "sam", "imbsam")
+# Whether the forward at w + e updates BatchNorm's running statistics: the paper's recipe first.
+PERTURBED_BN_STATS = ("update", "keep")
 
 
 def _autocast(x: Tensor, dtype: Optional[torch.dtype]):
@@ -25,21 +28,32 @@ def _autocast(x: Tensor, dtype: Optional[torch.dtype]):
 
 
 def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[HeadTailLoss] = None,
-              autocast_dtype: Optional[torch.dtype] = None) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+              autocast_dtype: Optional[torch.dtype] = None,
+              perturbed_bn_stats: str = "update") -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """A function ``step(x, y) -> (loss, logits)`` for one iteration; both outputs detached.
 
     ``sgd``: a plain optimizer step. ``sam``: the two SAM phases on the same batch.
     ``imbsam``: head and tail losses from ``split`` (required), the three ImbSAM phases;
     the reported loss is head + tail. ``logits`` are those of the first forward pass.
+    ``perturbed_bn_stats="keep"`` keeps the forward at ``w + e`` from updating the
+    running statistics of normalisation layers (``"update"``, the paper's: both do).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    if perturbed_bn_stats not in PERTURBED_BN_STATS:
+        raise ValueError(f"perturbed_bn_stats={perturbed_bn_stats!r}; allowed: {', '.join(PERTURBED_BN_STATS)}")
     if method == "imbsam" and split is None:
         raise ValueError("the imbsam step needs a HeadTailLoss `split`")
 
     def forward(x):
         with _autocast(x, autocast_dtype):
             return model(x)
+
+    def perturbed_forward(x):
+        if perturbed_bn_stats == "keep":
+            with frozen_running_stats(model):
+                return forward(x)
+        return forward(x)
 
     def sgd(x, y):
         logits = forward(x)
@@ -54,7 +68,7 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
         loss = F.cross_entropy(logits.float(), y)
         loss.backward()
         optimizer.first_step(zero_grad=True)
-        F.cross_entropy(forward(x).float(), y).backward()
+        F.cross_entropy(perturbed_forward(x).float(), y).backward()
         optimizer.second_step(zero_grad=True)
         return loss.detach(), logits.detach()
 
@@ -65,7 +79,7 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
         optimizer.first_step()
         tail.backward()
         optimizer.second_step()
-        split(forward(x), y)[1].backward()  # the paper's full-batch second forward
+        split(perturbed_forward(x), y)[1].backward()  # the paper's full-batch second forward
         optimizer.third_step()
         return (head + tail).detach(), logits.detach()
 
