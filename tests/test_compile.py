@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._functorch.config
 
 import imbsam
 
@@ -43,3 +44,38 @@ def test_fullgraph_compile_matches_eager(backend, device, compile_backend):
     assert torch.allclose(n_eager, n_compiled)
     for key in ("params", "bufs"):
         assert max_err(compiled[key], eager[key]) < 1e-6, key
+
+
+def train_compiled(method: str, compile_backend):
+    """Three steps of SAM or ImbSAM on a small BatchNorm CNN, compiled with ``compile_backend`` (None: eager)."""
+    from imbsam.train.step import make_step
+
+    from models import batches, small_cnn
+
+    model = small_cnn()
+    cls = imbsam.ImbSAM if method == "imbsam" else imbsam.SAM
+    opt = cls(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    torch._dynamo.reset()
+    net = torch.compile(model, backend=compile_backend) if compile_backend else model
+    step = make_step(method, net, opt, imbsam.HeadTailLoss([100, 90, 80, 70, 60, 50, 40, 3, 2, 1]))
+    for x, y in batches(3, seed=4):
+        step(x, y)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("method,compile_backend", [("sam", "aot_eager"), ("sam", "inductor"), ("imbsam", "aot_eager")])
+def test_a_compiled_model_trains_as_the_eager_one(method, compile_backend):
+    """torch.compile(model) under SAM's and ImbSAM's recipes, ImbSAM's two backward passes
+    through one forward included."""
+    assert max_err(train_compiled(method, compile_backend), train_compiled(method, None)) < 1e-5
+
+
+@pytest.mark.skipif(not hasattr(torch._functorch.config, "donated_buffer"), reason="torch < 2.5 donates no buffers")
+def test_inductor_refuses_imbsams_retained_graph_loudly():
+    """Inductor donates saved activations to the backward and then refuses ImbSAM's
+    retain_graph=True (torch's error, not a wrong gradient): docs/semantics.md says so.
+    With donation turned off (torch._functorch.config.donated_buffer = False) the tail
+    gradient from the retained graph was found wrong on this torch (2.14.1, CPU) under
+    torch.backends.cuda.matmul.allow_tf32 = False, so imbsam does not recommend that."""
+    with pytest.raises(RuntimeError, match="donated buffers"):
+        train_compiled("imbsam", "inductor")
