@@ -22,6 +22,7 @@ from imbsam.optim._fused_sgd import fused_sgd_calls, fused_sgd_possible, prechec
 from imbsam.optim._hypers import check_adaptive, check_adaptive_eta, check_group_hypers, check_rho
 from imbsam.optim._inputs import fix_layouts, gather, guarded
 from imbsam.optim._plans import GroupPlan, PlanCache
+from imbsam.optim._sharded import LocalShardOps, is_sharded
 
 SAM_PHASES = {"perturb": "first_step", "step": "second_step"}
 IMBSAM_PHASES = {"head": "first_step", "perturb": "second_step", "step": "third_step"}
@@ -47,6 +48,7 @@ class SharpnessEngine:
         for group in base_optimizer.param_groups:
             check_group_hypers(group, self.defaults)
         self._cache = PlanCache()  # per group: the parameters with a gradient, their backups
+        self._sharded_ops: dict[str, LocalShardOps] = {}  # per backend, for DTensor parameters (FSDP2)
         # ImbSAM's head gradients between its first and last phase: per group index, the
         # ids of the parameters that had one and those gradients.
         self.head_grads: dict[int, tuple[list[int], list[Tensor]]] = {}
@@ -139,6 +141,12 @@ class SharpnessEngine:
         if not backend.checks_inputs:
             for _, _, params, grads in gathered:  # gather() has checked their devices
                 fix_layouts(params, grads)
+        first = next((params[0] for _, _, params, _ in gathered if params), None)
+        if first is not None and is_sharded(first):  # FSDP2: the ops run on the local shards
+            ops = self._sharded_ops.get(backend.name)
+            if ops is None:
+                ops = self._sharded_ops[backend.name] = LocalShardOps(backend.ops)
+            return backend, ops
         return backend, backend.ops
 
     # ---- phases --------------------------------------------------------------------

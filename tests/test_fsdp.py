@@ -1,0 +1,87 @@
+"""SAM and ImbSAM on FSDP2 (``fully_shard``) models: two CPU processes (gloo on 127.0.0.1),
+each with half of every batch and half of every tensor, take the step one process takes
+on whole batches and whole tensors, on every backend here. The norm is the global one
+(the shards' sums of squares all-reduced); the other ops run on the local shards."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import imbsam
+from imbsam.train.step import make_step
+
+from ranks import needs_gloo, run_ranks
+
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch < 2.6 keeps it under its composable API
+    try:
+        from torch.distributed._composable.fsdp import fully_shard
+    except ImportError:
+        fully_shard = None
+
+WORLD = 2
+STEPS = 3
+COUNTS = [400, 200, 100, 10, 5]  # classes 3 and 4 are tail
+KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+KINDS = ("sam", "asam", "imbsam")
+BACKENDS = imbsam.backends.backends_for("cpu")  # the triton backend under its interpreter too
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)  # 16 x 6 and 5 x 16 weights: the second splits unevenly (3 + 2 rows)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, len(COUNTS)))
+
+
+def batches():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 6, generator=gen), torch.randint(0, len(COUNTS), (8,), generator=gen))
+            for _ in range(STEPS)]
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def train(kind: str, backend: str, rank: int = 0, world: int = 1) -> dict:
+    model = mlp()
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    if kind == "imbsam":
+        opt = imbsam.ImbSAM(model.parameters(), torch.optim.SGD, rho=0.5, backend=backend, **KW)
+    else:
+        opt = imbsam.SAM(model.parameters(), torch.optim.SGD, rho=0.5, adaptive=kind == "asam", backend=backend, **KW)
+    step = make_step("imbsam" if kind == "imbsam" else "sam", model, opt, imbsam.HeadTailLoss(COUNTS))
+    for x, y in batches():
+        step(x[rank::world], y[rank::world])
+    return dict(params=[whole(p) for p in model.parameters()],
+                buffers=[whole(opt.base_optimizer.state[p]["momentum_buffer"]) for p in model.parameters()])
+
+
+def _rank(rank: int, world: int, path: str) -> None:
+    torch.save({(kind, backend): train(kind, backend, rank, world) for kind in KINDS for backend in BACKENDS}, path)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    paths = run_ranks(_rank, (), str(tmp_path_factory.mktemp("fsdp") / "results"), WORLD)
+    return [torch.load(path) for path in paths]
+
+
+@needs_gloo
+@pytest.mark.skipif(fully_shard is None, reason="this torch has no FSDP2 (fully_shard)")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_fully_sharded_training_takes_the_whole_batch_step(ranks, kind, backend):
+    got, want = ranks[0][(kind, backend)], train(kind, backend)
+    for key in ("params", "buffers"):
+        for a, b in zip(ranks[0][(kind, backend)][key], ranks[1][(kind, backend)][key]):
+            assert torch.equal(a, b)
+        for a, b in zip(got[key], want[key]):
+            assert torch.allclose(a, b, rtol=0, atol=1e-6), (key, (a - b).abs().max().item())
