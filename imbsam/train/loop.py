@@ -14,8 +14,13 @@ from imbsam.train.data.profile import SHOT_GROUPS
 PROGRESS_EVERY = 20
 
 
-def train_epoch(step: Callable, loader, lr_of: Callable[[], float], progress: bool, desc: str) -> dict:
-    """Runs ``step(x, y) -> (loss, logits)`` over the loader; loss and accuracy stay on the device."""
+def train_epoch(step: Callable, loader, lr_of: Callable[[], float], progress: bool, desc: str,
+                sum_over_ranks: Callable[[Tensor], Tensor] = lambda t: t, world: int = 1) -> dict:
+    """Runs ``step(x, y) -> (loss, logits)`` over the loader; loss and accuracy stay on the device.
+
+    Data-parallel (``world`` ranks, each on its share of every batch): the epoch's totals
+    are summed over the ranks once at its end; the progress bar shows this rank's loss
+    and accuracy and the images per second of all ranks together."""
     device = loader.labels.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -35,13 +40,14 @@ def train_epoch(step: Callable, loader, lr_of: Callable[[], float], progress: bo
             if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == len(loader):
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
-                                lr=f"{lr_of():.2e}", img_s=f"{seen / elapsed:.0f}", refresh=False)
+                                lr=f"{lr_of():.2e}", img_s=f"{world * seen / elapsed:.0f}", refresh=False)
     if bar is not None:
         bar.close()
-    total_loss, total_correct = loss_sum.item(), correct.item()  # one sync per epoch
+    totals = sum_over_ranks(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device)]))
+    total_loss, total_correct, seen = totals.tolist()  # one sync per epoch
     seconds = time.perf_counter() - start
     return dict(train_loss=total_loss / max(seen, 1), train_acc=100 * total_correct / max(seen, 1),
-                images=seen, train_s=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0)
+                images=int(seen), train_s=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0)
 
 
 @torch.no_grad()

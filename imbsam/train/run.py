@@ -16,6 +16,15 @@ from imbsam.train.config import as_recorded, validate
 from imbsam.train.data import ACCURACY_KEYS, shot_split
 from imbsam.train.data.device_loader import DeviceLoader
 from imbsam.train.data.sources import load_dataset
+from imbsam.train.distributed import (
+    ShardedLoader,
+    agree,
+    barrier,
+    device_of_rank,
+    from_environment,
+    start,
+    sum_over_ranks,
+)
 from imbsam.train.loop import group_accuracy, per_class_accuracy, train_epoch
 from imbsam.train.models import build_model
 from imbsam.train.report import format_table, save_plots
@@ -29,12 +38,14 @@ RESUME_KEYS = ("dataset", "imb_factor", "model", "opt", "rho", "eta", "tail_weig
 
 
 class Log:
-    """Prints and appends to OUT/train.log."""
+    """Prints and appends to OUT/train.log (on rank 0 of a data-parallel run; the others are silent)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, silent: bool = False):
+        self.path, self.silent = path, silent
 
     def __call__(self, msg: str) -> None:
+        if self.silent:
+            return
         print(msg, flush=True)
         with open(self.path, "a") as f:
             f.write(msg + "\n")
@@ -59,6 +70,17 @@ def build_optimizer(args, model, device):
     return cls(model.parameters(), torch.optim.SGD, rho=args.rho, backend=args.backend, **kw)
 
 
+def data_parallel(args, model, optimizer, ranks, device):
+    """What the steps run: the model itself, or under torchrun the model in DDP with the
+    optimizer synchronised with it (imbsam.sync_data_parallel)."""
+    if not ranks.distributed:
+        return model
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.opt != "sgd":
+        imbsam.sync_data_parallel(optimizer, net)
+    return net
+
+
 def current_lr(optimizer) -> float:
     lr = optimizer.param_groups[0]["lr"]
     return float(lr)
@@ -68,7 +90,22 @@ def run(args: argparse.Namespace) -> dict | None:
     """Trains as ``args`` say; returns the final metrics (None when stopped early to resume)."""
     started = time.perf_counter()  # --time-limit-s counts data loading and model building too
     validate(args)
-    device = resolve_device(args.device)
+    ranks = from_environment()
+    if args.batch_size % ranks.world:  # before joining the group: a refusal should not wait for the others
+        raise SystemExit(f"--batch-size {args.batch_size} is the global batch: it must be a multiple of the "
+                         f"{ranks.world} ranks, each of which trains on an equal share")
+    device = device_of_rank(ranks, resolve_device(args.device))
+    started_group = start(ranks, device)
+    # On an error the process exits with it and the launcher stops the other ranks: a
+    # barrier here could wait for ranks that will never come.
+    result = _run(args, started, ranks, device)
+    if started_group:
+        barrier(ranks)
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def _run(args: argparse.Namespace, started: float, ranks, device: torch.device) -> dict | None:
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit("--cuda-graph needs a CUDA device")
     if args.opt != "sgd":  # before the data load: a wrong backend should cost no time
@@ -79,7 +116,8 @@ def run(args: argparse.Namespace) -> dict | None:
             raise SystemExit(f"--backend {args.backend}: {exc}") from None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
-    os.makedirs(args.out, exist_ok=True)
+    if ranks.main:
+        os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not args.resume:
         raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
@@ -89,7 +127,8 @@ def run(args: argparse.Namespace) -> dict | None:
         # would mix two runs in one record.
         raise SystemExit(f"{log_path} exists but no checkpoint does: {args.out} holds another run; choose another "
                          "--out, or remove that folder to start afresh")
-    log = Log(log_path)
+    barrier(ranks)  # every rank has checked the folder before rank 0 writes to it
+    log = Log(log_path, silent=not ranks.main)
 
     try:
         data = load_dataset(args.dataset, args.data_root, args.imb_factor, download=not args.no_download,
@@ -106,6 +145,7 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(args, model, device)
+    net = data_parallel(args, model, optimizer, ranks, device)
     scheduler = cosine_schedule(optimizer, args.epochs, args.lr_schedule)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     train_loader = DeviceLoader(data.train_x, data.train_y, args.batch_size, data.mean, data.std, device, train=True,
@@ -113,7 +153,9 @@ def run(args: argparse.Namespace) -> dict | None:
     test_loader = DeviceLoader(data.test_x, data.test_y, 500, data.mean, data.std, device, train=False,
                                channels_last=args.channels_last)
     amp = torch.bfloat16 if args.amp == "bf16" else None
-    step = make_step(args.opt, model, optimizer, split, autocast_dtype=amp, perturbed_bn_stats=args.perturbed_bn_stats)
+    shards = ShardedLoader(train_loader, ranks) if ranks.distributed else None
+    step = make_step(args.opt, net, optimizer, split, autocast_dtype=amp, perturbed_bn_stats=args.perturbed_bn_stats,
+                     loss_weight=shards.loss_weight if shards else None)
     if args.cuda_graph:
         step = GraphedStep(step)
 
@@ -139,15 +181,16 @@ def run(args: argparse.Namespace) -> dict | None:
         f"({counts[0]} ... {counts[-1]}), {len(data.test_y)} test images; tail classes (n < {eta:g}): "
         f"{int(split.tail_classes.sum())}; {args.model} ({n_params / 1e6:.2f} M parameters) on {device}; "
         f"{args.opt} (backend {backend}), {args.epochs} epochs (cosine lr, {args.lr_schedule}'s order), "
-        f"batch {args.batch_size}")
+        f"batch {args.batch_size}" + (f" over {ranks.world} ranks" if ranks.distributed else ""))
 
     stop_after = None if args.max_epochs_this_run is None else start_epoch + args.max_epochs_this_run
     slowest_epoch_s = 0.0
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         lr = current_lr(optimizer)
-        stats = train_epoch(step, train_loader, lambda: current_lr(optimizer), progress=not args.no_progress,
-                            desc=f"epoch {epoch + 1}/{args.epochs}")
+        stats = train_epoch(step, shards or train_loader, lambda: current_lr(optimizer),
+                            progress=not args.no_progress and ranks.main, desc=f"epoch {epoch + 1}/{args.epochs}",
+                            sum_over_ranks=lambda t: sum_over_ranks(ranks, t), world=ranks.world)
         scheduler.step()
         record = dict(epoch=epoch + 1, lr=lr, **stats)
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
@@ -168,19 +211,22 @@ def run(args: argparse.Namespace) -> dict | None:
         elif not last and args.time_limit_s is not None and (
                 time.perf_counter() - started + slowest_epoch_s > args.time_limit_s):
             stop = f"--time-limit-s {args.time_limit_s:g}: another epoch would not end in time"
-        if stop or last or (epoch + 1) % args.checkpoint_every == 0:
+        if ranks.distributed:  # rank 0's clock decides, so that every rank stops after the same epoch
+            stop = (stop or "rank 0 stopped") if agree(ranks, stop is not None, device) else None
+        if ranks.main and (stop or last or (epoch + 1) % args.checkpoint_every == 0):
             save_checkpoint(ckpt_path, dict(
                 epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), data_rng=generator.get_state(), torch_rng=torch.get_rng_state(),
                 history=history, wall_s=wall, args=vars(args)))
-        write_json(os.path.join(args.out, "history.json"), history)
+        if ranks.main:
+            write_json(os.path.join(args.out, "history.json"), history)
         if stop:
             log(f"stopped after epoch {epoch + 1} ({stop}); continue with the same command and --resume")
             return None
-    return finish(args, data, counts, groups, history, wall, device, backend, log)
+    return finish(args, data, counts, groups, history, wall, device, backend, log, ranks)
 
 
-def finish(args, data, counts, groups, history, wall, device, backend, log) -> dict:
+def finish(args, data, counts, groups, history, wall, device, backend, log, ranks) -> dict:
     final = history[-1]
     tested = [h for h in history if "all" in h]
     best = max(tested, key=lambda h: h["all"])
@@ -192,7 +238,9 @@ def finish(args, data, counts, groups, history, wall, device, backend, log) -> d
         command="python -m imbsam.train " + " ".join(sys.argv[1:]),
         best_epoch_selected_on_test=dict(epoch=best["epoch"], **{k: best[k] for k in ACCURACY_KEYS}),
         per_class=final["per_class"], counts=counts, groups=groups, eta=args.eta, rho=args.rho,
-        args={k: v for k, v in vars(args).items()})
+        args={k: v for k, v in vars(args).items()}, world_size=ranks.world)
+    if not ranks.main:
+        return metrics
     write_json(os.path.join(args.out, "metrics.json"), metrics)
     plots = save_plots(metrics, history, args.out)
     log(format_table([(f"{args.opt}, final epoch {final['epoch']}", final),

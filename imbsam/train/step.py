@@ -27,9 +27,12 @@ def _autocast(x: Tensor, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=x.device.type, dtype=dtype)
 
 
+Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
 def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[HeadTailLoss] = None,
-              autocast_dtype: Optional[torch.dtype] = None,
-              perturbed_bn_stats: str = "update") -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+              autocast_dtype: Optional[torch.dtype] = None, perturbed_bn_stats: str = "update",
+              loss_weight: Optional[Callable[[int], float]] = None) -> Step:
     """A function ``step(x, y) -> (loss, logits)`` for one iteration; both outputs detached.
 
     ``sgd``: a plain optimizer step. ``sam``: the two SAM phases on the same batch.
@@ -37,6 +40,9 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
     the reported loss is head + tail. ``logits`` are those of the first forward pass.
     ``perturbed_bn_stats="keep"`` keeps the forward at ``w + e`` from updating the
     running statistics of normalisation layers (``"update"``, the paper's: both do).
+    ``loss_weight(n)``, when given, multiplies the losses a batch of ``n`` backpropagates
+    (a data-parallel rank's share of a global batch: ``world * n / n_global``, so that the
+    ranks' averaged gradient is the global batch's mean); the reported loss is unweighted.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
@@ -55,10 +61,13 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
                 return forward(x)
         return forward(x)
 
+    def weighted(loss, y):
+        return loss if loss_weight is None else loss * loss_weight(y.numel())
+
     def sgd(x, y):
         logits = forward(x)
         loss = F.cross_entropy(logits.float(), y)
-        loss.backward()
+        weighted(loss, y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach(), logits.detach()
@@ -66,20 +75,20 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
     def sam(x, y):
         logits = forward(x)
         loss = F.cross_entropy(logits.float(), y)
-        loss.backward()
+        weighted(loss, y).backward()
         optimizer.first_step(zero_grad=True)
-        F.cross_entropy(perturbed_forward(x).float(), y).backward()
+        weighted(F.cross_entropy(perturbed_forward(x).float(), y), y).backward()
         optimizer.second_step(zero_grad=True)
         return loss.detach(), logits.detach()
 
     def imbsam(x, y):
         logits = forward(x)
         head, tail = split(logits, y)
-        head.backward(retain_graph=True)
+        weighted(head, y).backward(retain_graph=True)
         optimizer.first_step()
-        tail.backward()
+        weighted(tail, y).backward()
         optimizer.second_step()
-        split(perturbed_forward(x), y)[1].backward()  # the paper's full-batch second forward
+        weighted(split(perturbed_forward(x), y)[1], y).backward()  # the paper's full-batch second forward
         optimizer.third_step()
         return (head + tail).detach(), logits.detach()
 

@@ -1,0 +1,101 @@
+"""The trainer data-parallel: two gloo ranks on 127.0.0.1 (launched as torchrun would, by
+RANK / WORLD_SIZE / LOCAL_RANK) train as one process does on the same global batches,
+only rank 0 writes, and a run split into two sessions resumes across the group.
+
+A model without BatchNorm: each rank normalises its share of a batch by its own
+statistics (SyncBatchNorm needs GPUs), which one process on the whole batch does not.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from imbsam.train import main
+
+from ranks import needs_gloo, run_ranks
+from synthetic_data import write_cifar
+
+run_module = sys.modules["imbsam.train.run"]  # the package exports a function of the same name
+
+
+def no_bn_cnn(name: str, num_classes: int, channels: int) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(channels, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32, num_classes))
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    # 95 training images: batches of 16, each split 8 + 8, and a last one of 15, split 8 + 7
+    # (the shares' losses weighted so that their averaged gradient is the batch's mean).
+    return write_cifar(str(tmp_path_factory.mktemp("cifar")), 10, per_class=24, test_per_class=4)
+
+
+def argv(root, out, opt, *extra):
+    return ["--dataset", "cifar10-lt", "--data-root", root, "--imb-factor", "10", "--no-download",
+            "--skip-checksum", "--model", "resnet32", "--batch-size", "16", "--epochs", "2", "--device", "cpu",
+            "--out", out, "--no-progress", "--opt", opt, *extra]
+
+
+def _rank(rank: int, world: int, path: str, root: str, out: str, opt: str, extra: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    run_module.build_model = no_bn_cnn
+    metrics = main(argv(root, out, opt, *extra))
+    with open(path, "w") as f:
+        json.dump(metrics, f)
+
+
+def one_process(root, out, opt, *extra):
+    real = run_module.build_model
+    run_module.build_model = no_bn_cnn
+    try:
+        return main(argv(root, out, opt, *extra))
+    finally:
+        run_module.build_model = real
+
+
+def weights(out: str) -> dict:
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["model"]
+
+
+@needs_gloo
+@pytest.mark.parametrize("opt", ["sgd", "sam", "imbsam"])
+def test_two_ranks_train_as_one_process(cifar_root, tmp_path, opt):
+    out = str(tmp_path / "ranks")
+    paths = run_ranks(_rank, (cifar_root, out, opt, ()), str(tmp_path / "returned"))
+    by_rank = []
+    for path in paths:
+        with open(path) as f:
+            by_rank.append(json.load(f))
+    alone = one_process(cifar_root, str(tmp_path / "alone"), opt)
+    got, want = weights(out), weights(str(tmp_path / "alone"))
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=0, atol=1e-5), (key, (got[key] - want[key]).abs().max())
+    assert by_rank[0]["world_size"] == 2 and by_rank[0]["all"] == by_rank[1]["all"]
+    assert abs(by_rank[0]["all"] - alone["all"]) < 1e-3
+    with open(os.path.join(out, "train.log")) as f:
+        log = f.read()
+    assert log.count("epoch   1/2") == 1 and "over 2 ranks" in log  # rank 0 alone wrote it
+
+
+@needs_gloo
+def test_a_run_split_into_sessions_resumes_across_the_group(cifar_root, tmp_path):
+    out = str(tmp_path / "ranks")
+    run_ranks(_rank, (cifar_root, out, "imbsam", ("--max-epochs-this-run", "1")), str(tmp_path / "first"))
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 1
+    run_ranks(_rank, (cifar_root, out, "imbsam", ("--resume",)), str(tmp_path / "second"))
+    one_process(cifar_root, str(tmp_path / "alone"), "imbsam")
+    got, want = weights(out), weights(str(tmp_path / "alone"))
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=0, atol=1e-5), key
+
+
+def test_a_global_batch_the_ranks_cannot_share_evenly_is_refused(cifar_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit, match="--batch-size 16 is the global batch: it must be a multiple of the 3"):
+        main(argv(cifar_root, str(tmp_path / "out"), "sgd"))
