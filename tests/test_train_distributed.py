@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -38,7 +39,7 @@ def cifar_root(tmp_path_factory):
 def argv(root, out, opt, *extra):
     return ["--dataset", "cifar10-lt", "--data-root", root, "--imb-factor", "10", "--no-download",
             "--skip-checksum", "--model", "resnet32", "--batch-size", "16", "--epochs", "2", "--device", "cpu",
-            "--out", out, "--no-progress", "--opt", opt, *extra]
+            "--out", out, "--no-progress", "--opt", opt, "--eta", "10", *extra]  # eta: 6 of 10 classes are tail
 
 
 def _rank(rank: int, world: int, path: str, root: str, out: str, opt: str, extra: tuple) -> None:
@@ -99,3 +100,19 @@ def test_a_global_batch_the_ranks_cannot_share_evenly_is_refused(cifar_root, tmp
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit, match="--batch-size 16 is the global batch: it must be a multiple of the 3"):
         main(argv(cifar_root, str(tmp_path / "out"), "sgd"))
+
+
+@needs_gloo
+def test_torchrun_launches_the_trainer(cifar_root, tmp_path):
+    """The command a user runs: torchrun on one machine, two processes, 127.0.0.1 only."""
+    from ranks import free_port
+
+    out = str(tmp_path / "torchrun")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "imbsam.train",
+               *argv(cifar_root, out, "imbsam", "--epochs", "1")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["world_size"] == 2
