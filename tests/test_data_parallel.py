@@ -55,7 +55,7 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1, how: str = "on
     model = mlp()
     net = DDP(model, gradient_as_bucket_view=how == "ddp bucket views") if how.startswith("ddp") else model
     opt = optimizer(kind, net, backend)
-    if how in ("ddp", "ddp bucket views", "ddp local") and kind != "sgd":
+    if how in ("ddp", "ddp bucket views", "ddp local", "ddp no_sync") and kind != "sgd":
         imbsam.sync_data_parallel(opt, net, perturbation="local" if how == "ddp local" else "global")
     if how == "hook local":
         def average_but_perturb(phase, params, grads):
@@ -65,6 +65,13 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1, how: str = "on
                     g.div_(world)
         opt.register_phase_hook(average_but_perturb)
     step = make_step({"asam": "sam", "compat imbsam": "imbsam"}.get(kind, kind), net, opt, imbsam.HeadTailLoss(COUNTS))
+    if how == "ddp no_sync":  # gradient accumulation: two micro-batches, DDP told not to sync either
+        def step(x, y):
+            for phase in (opt.first_step, opt.second_step):
+                for xs, ys in zip(x.chunk(2), y.chunk(2)):
+                    with net.no_sync():
+                        (torch.nn.functional.cross_entropy(net(xs), ys) / 2).backward()
+                phase(zero_grad=True)
     for x, y in batches():
         step(x[rank::world], y[rank::world])  # each rank's mean loss; their average is the whole batch's
     base = opt if kind == "sgd" else opt.optimizer if kind == "compat imbsam" else opt.base_optimizer
@@ -74,6 +81,7 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1, how: str = "on
 
 CONFIGS = ([(kind, backend, "ddp") for kind in KINDS for backend in BACKENDS]
            + [("imbsam", BACKENDS[-1], how) for how in ("ddp alone", "ddp bucket views")]
+           + [("sam", BACKENDS[-1], "ddp no_sync")]
            + [(kind, BACKENDS[-1], how) for kind in ("sam", "imbsam") for how in ("ddp local", "hook local")])
 
 
@@ -135,6 +143,14 @@ def test_ddp_alone_leaves_imbsam_perturbing_with_each_ranks_tail_gradient(ranks)
 def test_gradients_as_bucket_views_leave_the_head_gradient_intact(ranks):
     config = ("imbsam", BACKENDS[-1], "ddp bucket views")
     assert_close(ranks[0][config]["params"], train("imbsam", BACKENDS[-1])["params"])
+
+
+@needs_gloo
+def test_accumulation_under_no_sync_is_averaged_by_imbsam_once_per_phase(ranks):
+    """DDP syncs no micro-batch inside no_sync(): imbsam averages what each phase reads."""
+    config = ("sam", BACKENDS[-1], "ddp no_sync")
+    assert_close(ranks[0][config]["params"], train("sam", BACKENDS[-1])["params"])
+    assert ranks[0][config]["all_reduces"] == 2 * STEPS
 
 
 @needs_gloo
