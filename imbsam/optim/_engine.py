@@ -5,7 +5,8 @@ for ImbSAM, the head gradient) and drives the ops of the chosen backend. The bas
 optimizer keeps its own state (momentum buffers) exactly as it would without SAM.
 Beside it: ``_hypers`` (hyper-parameter checks), ``_inputs`` (gathering, input checks
 and the guarded retry), ``_plans`` (the per-group plans and backups), ``_fused_sgd``
-(what the fused path knows of ``torch.optim.SGD``).
+(what the fused path knows of ``torch.optim.SGD``), ``_sharded`` (the ops on FSDP2's
+DTensor shards).
 """
 from __future__ import annotations
 
