@@ -1,4 +1,4 @@
-"""The compiled ops (``torch.ops.imbsam.*``, from imbsam._C): loading, fakes and wrappers.
+"""The compiled ops (``torch.ops.imbsam.*``, from imbsam._C): loading, availability, fakes, wrappers.
 
 One schema per op (csrc/ops.cpp); the device of the tensors picks the kernel (CPU or
 CUDA). Each op below has its fake (meta) kernel, so torch.compile and CUDA graphs can
@@ -25,6 +25,7 @@ except Exception as exc:  # any failure means "no compiled backend", with the re
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
 LOADED = LOAD_ERROR is None
+
 
 def has_kernel(dispatch_key: str) -> bool:
     """Whether every imbsam op has a compiled kernel for ``dispatch_key`` ("CPU", "CUDA")."""

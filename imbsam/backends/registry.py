@@ -33,7 +33,7 @@ class Backend:
     fused_sgd: bool
     emulated_on: tuple[str, ...] = ()  # device types where it runs only in an emulator (no speed)
     usable_on: Callable[[str], bool] = lambda device_type: True  # noqa: E731
-    # Why it is not usable here at all (asked only when usable_on says so, for the message).
+    # Why it is not usable here at all (asked for the message when usable_on says it is not).
     why_unusable: Callable[[], str] = lambda: "it is not usable here"  # noqa: E731
     # Why it cannot run on one device it is usable on (a GPU it has no code for), or None.
     unusable_at: Callable[[torch.device], "str | None"] = lambda device: None  # noqa: E731
@@ -114,13 +114,13 @@ def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for tensors on ``device``; ``auto`` picks the fastest usable one."""
     if backend == "auto":
         return _auto(device)
-    record = REGISTRY[backend]
-    if device.type not in record.devices:
-        raise ValueError(f"backend {backend!r} runs on {' or '.join(record.devices)} tensors, but the parameters "
+    entry = REGISTRY[backend]
+    if device.type not in entry.devices:
+        raise ValueError(f"backend {backend!r} runs on {' or '.join(entry.devices)} tensors, but the parameters "
                          f"are on {device}; use backend='auto' or move the model")
     if device.type not in _usable_devices()[backend]:
-        raise ValueError(f"backend {backend!r} cannot run on {device} tensors: {record.why_unusable()}")
-    reason = record.unusable_at(device)
+        raise ValueError(f"backend {backend!r} cannot run on {device} tensors: {entry.why_unusable()}")
+    reason = entry.unusable_at(device)
     if reason is not None:
         raise ValueError(f"backend {backend!r} cannot run on {device}: {reason}")
     return backend
