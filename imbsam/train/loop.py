@@ -52,8 +52,10 @@ def train_epoch(step: Callable, loader, lr_of: Callable[[], float], progress: bo
 
 @torch.no_grad()
 def per_class_accuracy(model: torch.nn.Module, loader, num_classes: int,
-                       autocast_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Percent correct per class; the logits are averaged with the horizontally flipped image."""
+                       autocast_dtype: Optional[torch.dtype] = None,
+                       sum_over_ranks: Callable[[Tensor], Tensor] = lambda t: t) -> Tensor:
+    """Percent correct per class; the logits are averaged with the horizontally flipped image.
+    Data-parallel, each rank counts its share of the test set and the counts are summed."""
     device = loader.labels.device
     correct = torch.zeros(num_classes, device=device)
     total = torch.zeros(num_classes, device=device)
@@ -68,6 +70,7 @@ def per_class_accuracy(model: torch.nn.Module, loader, num_classes: int,
             correct.scatter_add_(0, y, hits)  # no bincount: its output size would need a host sync
             total.scatter_add_(0, y, torch.ones_like(hits))
     model.train(was_training)
+    correct, total = sum_over_ranks(torch.stack([correct, total]))
     return (100 * correct / total.clamp_min(1)).cpu()
 
 

@@ -194,7 +194,9 @@ def _run(args: argparse.Namespace, started: float, ranks, device: torch.device) 
         scheduler.step()
         record = dict(epoch=epoch + 1, lr=lr, **stats)
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            per_class = per_class_accuracy(model, test_loader, data.num_classes, amp)
+            per_class = per_class_accuracy(model, ShardedLoader(test_loader, ranks) if ranks.distributed
+                                           else test_loader, data.num_classes, amp,
+                                           sum_over_ranks=lambda t: sum_over_ranks(ranks, t))
             record.update(group_accuracy(per_class, groups), per_class=[round(float(a), 2) for a in per_class])
         record["epoch_s"] = time.perf_counter() - t0
         wall += record["epoch_s"]
