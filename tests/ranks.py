@@ -1,4 +1,5 @@
-"""Runs a function in WORLD gloo processes on 127.0.0.1, bounded in time, with a clean exit.
+"""Runs a function in WORLD gloo processes on 127.0.0.1, bounded in time, with a clean exit;
+and the small task the multi-process tests train.
 
 Each rank writes what it computed to a file the test reads back; the ranks meet through
 files at the end rather than a gloo barrier, and leave with os._exit.
@@ -54,3 +55,28 @@ def run_ranks(fn, args: tuple, out: str, world: int = 2) -> list[str]:
 
 needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed gloo")
+
+
+# ---- the task the multi-process tests train, each rank on its half of every batch ----------
+
+WORLD = 2
+STEPS = 3
+COUNTS = [400, 200, 100, 10, 5]  # classes 3 and 4 are tail
+KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)  # the base SGD's
+
+
+def mlp():
+    """No BatchNorm: per-rank batch statistics would differ from whole-batch ones. Its 16 x 6
+    and 5 x 16 weights split over two ranks evenly and unevenly (3 + 2 rows)."""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, len(COUNTS)))
+
+
+def batches():
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 6, generator=gen), torch.randint(0, len(COUNTS), (8,), generator=gen))
+            for _ in range(STEPS)]

@@ -15,25 +15,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import imbsam
 from imbsam.train.step import make_step
 
-from ranks import needs_gloo, run_ranks
+from ranks import COUNTS, KW, STEPS, WORLD, batches, mlp, needs_gloo, run_ranks
 
-WORLD = 2
-STEPS = 3
-COUNTS = [400, 200, 100, 10, 5]  # classes 3 and 4 are tail
-KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
 BACKENDS = [b for b in ("reference", "cpp") if b in imbsam.available_backends()]
 KINDS = ("sgd", "sam", "asam", "imbsam", "compat imbsam")
-
-
-def mlp() -> torch.nn.Module:
-    torch.manual_seed(0)  # no BatchNorm: per-rank batch statistics would differ from whole-batch ones
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, len(COUNTS)))
-
-
-def batches():
-    gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 6, generator=gen), torch.randint(0, len(COUNTS), (8,), generator=gen))
-            for _ in range(STEPS)]
 
 
 def optimizer(kind: str, net: torch.nn.Module, backend: str):

@@ -10,7 +10,7 @@ import torch
 import imbsam
 from imbsam.train.step import make_step
 
-from ranks import needs_gloo, run_ranks
+from ranks import COUNTS, KW, WORLD, batches, mlp, needs_gloo, run_ranks
 
 try:
     from torch.distributed.fsdp import fully_shard
@@ -20,23 +20,8 @@ except ImportError:  # torch < 2.6 keeps it under its composable API
     except ImportError:
         fully_shard = None
 
-WORLD = 2
-STEPS = 3
-COUNTS = [400, 200, 100, 10, 5]  # classes 3 and 4 are tail
-KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
 KINDS = ("sam", "asam", "imbsam")
 BACKENDS = imbsam.backends.backends_for("cpu")  # the triton backend under its interpreter too
-
-
-def mlp() -> torch.nn.Module:
-    torch.manual_seed(0)  # 16 x 6 and 5 x 16 weights: the second splits unevenly (3 + 2 rows)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, len(COUNTS)))
-
-
-def batches():
-    gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 6, generator=gen), torch.randint(0, len(COUNTS), (8,), generator=gen))
-            for _ in range(STEPS)]
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
