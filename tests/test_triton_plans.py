@@ -76,6 +76,21 @@ def test_a_changed_dtype_at_the_same_address_is_checked_again(checks):
     assert checks[0] == 2
 
 
+def test_a_gradient_laid_out_unlike_before_at_the_same_address_is_checked_again(checks):
+    """A new gradient often lands at a freed one's address: one laid out unlike its
+    parameter there must be refused (the engine then copies it into the parameter's
+    layout), not walked with the old plan as if it were laid out like it."""
+    params = [torch.randn(4, 5), torch.randn(3)]
+    memory = torch.randn(20)
+    grads, heads = [memory.view(4, 5), torch.randn(3)], [p.clone() for p in params]
+    triton_ops.add_head_grads_(grads, heads)  # a plan for these addresses
+    transposed = [memory.as_strided((4, 5), (1, 4)), grads[1]]  # the same address, other strides
+    before = memory.clone()
+    with pytest.raises(ValueError, match="head_grads\\[0\\] has strides \\(5, 1\\) but grads\\[0\\] has strides"):
+        triton_ops.add_head_grads_(transposed, heads)
+    assert torch.equal(memory, before) and checks[0] == 2
+
+
 def test_a_rejected_call_writes_nothing_and_caches_nothing():
     a, b = fresh(2), fresh(2)
     bad = [b[0], b[1].double()]

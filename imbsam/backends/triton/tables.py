@@ -92,14 +92,18 @@ _warned_capture_eviction = False
 
 def plan_for(lists: Sequence[Sequence[Tensor]], validate: Callable[[], None]) -> "Plan":
     """The launch groups for these tensors, validated once (``validate`` raises before any
-    write). A plan is found again by every tensor's address and the parameters' dtypes
-    and sizes: what the launches read. The other lists' dtypes equal the parameters' when
-    the plan is built, and stay so while their addresses do: they are the parameters'
-    gradients (torch refuses a gradient of another dtype) and the optimizer's own
-    backups and buffers (made as the parameters' twins)."""
+    write). A plan is found again by every tensor's address and strides and the
+    parameters' dtypes and sizes: what the launches read. Strides of every list: a new
+    gradient often lands at a freed one's address, and one laid out unlike its parameter
+    (a transposed view) must meet the validation that refuses it, not an old plan that
+    would walk it as the parameter's layout. The other lists' dtypes equal the parameters'
+    when the plan is built, and stay so while their addresses do: they are the
+    parameters' gradients (torch refuses a gradient of another dtype) and the
+    optimizer's own backups and buffers (made as the parameters' twins)."""
     global _warned_capture_eviction
     key = (len(lists), *(tuple(map(Tensor.data_ptr, lst)) for lst in lists),
-           tuple(map(checks.dtype_of, lists[0])), tuple(map(Tensor.numel, lists[0])))
+           *(tuple(map(Tensor.stride, lst)) for lst in lists),
+           tuple(map(checks.dtype_of, lists[0])), tuple(map(Tensor.size, lists[0])))
     on_cuda = lists[0][0].is_cuda
     capturing = on_cuda and torch.cuda.is_current_stream_capturing()
     plan = PLANS.get(key)
