@@ -88,4 +88,52 @@ inline void check_sgd_step(at::TensorList params, at::TensorList grads, at::Tens
   if (found_inf) check_scalar_on(op, *found_inf, "found_inf", params);
 }
 
+// The step counts of restore_adam_step_: one 0-d float32/float64 tensor per parameter, all
+// on the parameters' device or all on the CPU (where torch.optim.Adam keeps them unless
+// capturable or fused). Steps on the CPU for device parameters cannot be left unchanged
+// by a flag on the device without a host sync: found_inf must be absent then.
+inline void check_adam_steps(const char* op, at::TensorList params, at::TensorList steps,
+                             const std::optional<at::Tensor>& found_inf) {
+  check_same_length(op, params, "params", steps, "state_steps");
+  if (params.empty()) return;
+  const auto device = steps[0].device();
+  TORCH_CHECK_VALUE(device == params[0].device() || device.is_cpu(), "imbsam.", op, ": state_steps[0] is on ", device,
+                    " but the parameters are on ", params[0].device(),
+                    "; the step counts must be on the parameters' device or on the CPU");
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK_VALUE(s.device() == device, "imbsam.", op, ": state_steps[", i, "] is on ", s.device(),
+                      " but state_steps[0] is on ", device, "; all step counts of one call must be on one device");
+    TORCH_CHECK_TYPE(s.layout() == at::kStrided && s.numel() == 1 &&
+                         (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                     "imbsam.", op, ": state_steps[", i, "] must be one float32 or float64 value, got a ",
+                     s.scalar_type(), " tensor of shape ", s.sizes());
+  }
+  TORCH_CHECK_VALUE(!found_inf || device == params[0].device(), "imbsam.", op,
+                    ": found_inf was given but the step counts are on the CPU and the parameters on ",
+                    params[0].device(),
+                    "; a skip decided on the device cannot leave a CPU step count unchanged without a host sync: "
+                    "keep the steps on the device (Adam's capturable=True or fused=True) or skip on the host");
+}
+
+// Everything restore_adam_step_ requires of its lists and options, on any device.
+inline void check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                            at::TensorList head_grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                            at::TensorList max_exp_avg_sqs, at::TensorList state_steps, bool amsgrad,
+                            const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& found_inf) {
+  const char* op = "restore_adam_step_";
+  check_list(op, params, "params");
+  check_matches(op, params, "params", grads, "grads");
+  check_matches(op, params, "params", backups, "backups");
+  if (!head_grads.empty()) check_matches(op, params, "params", head_grads, "head_grads");
+  check_matches(op, params, "params", exp_avgs, "exp_avgs");
+  check_matches(op, params, "params", exp_avg_sqs, "exp_avg_sqs");
+  if (amsgrad) check_matches(op, params, "params", max_exp_avg_sqs, "max_exp_avg_sqs");
+  TORCH_CHECK_VALUE(amsgrad || max_exp_avg_sqs.empty(), "imbsam.", op,
+                    ": amsgrad is off but max_exp_avg_sqs were given; pass an empty list");
+  if (lr_tensor) check_scalar_on(op, *lr_tensor, "lr_tensor", params);
+  if (found_inf) check_scalar_on(op, *found_inf, "found_inf", params);
+  check_adam_steps(op, params, state_steps, found_inf);
+}
+
 }  // namespace imbsam

@@ -1,6 +1,6 @@
 // The one place where every imbsam op's schema is declared. Each device registers its
 // own implementation of these names in cpu/ and cuda/, one file per op family under the
-// same name on both (grad_norm, updates); cuda/probe.cu adds a CUDA-only helper that is
+// same name on both (grad_norm, updates, adam_step); cuda/probe.cu adds a CUDA-only helper that is
 // not a tensor op. Python adds the fake kernels (imbsam/backends/compiled.py) so
 // torch.compile and CUDA graphs can trace them.
 #include <Python.h>
@@ -32,4 +32,10 @@ TORCH_LIBRARY(imbsam, m) {
       "Tensor(b!)[] momentum_buffers, float lr, float momentum, float dampening, float weight_decay, "
       "bool nesterov, bool maximize, bool first_momentum_step, Tensor? lr_tensor=None, "
       "Tensor? found_inf=None) -> ()");
+  // restore + combine + torch.optim.Adam / AdamW step (state_steps += 1 unless skipped), one pass.
+  m.def(
+      "restore_adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, Tensor[] head_grads, "
+      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, bool decoupled_weight_decay, "
+      "bool amsgrad, bool maximize, Tensor? lr_tensor=None, Tensor? found_inf=None) -> ()");
 }

@@ -22,10 +22,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from imbsam.backends import adam_steps
+
 ROOT = Path(__file__).resolve().parent.parent
 # What a build depends on besides its own .cpp (the cache key hashes them all).
 SOURCES = [ROOT / "tests/cuda_emu/cuda_emu.h",
-           ROOT / "csrc/math_type.h", ROOT / "csrc/cuda/mta_plan.h", *sorted((ROOT / "csrc/cuda/device").glob("*.cuh"))]
+           ROOT / "csrc/math_type.h", ROOT / "csrc/adam_math.h", ROOT / "csrc/adam_args.h",
+           ROOT / "csrc/cuda/mta_plan.h", *sorted((ROOT / "csrc/cuda/device").glob("*.cuh"))]
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
 # -ffp-contract=off: the kernels must round as written (nvcc is told the same with --fmad=false).
@@ -152,6 +155,31 @@ class Kernels:
                 DTYPE_CODES[dtype], len(idx), pointers(w), pointers(g), pointers(b), h, bufs, numels(w),
                 ctypes.c_double(lr), ctypes.c_double(momentum), ctypes.c_double(dampening),
                 ctypes.c_double(weight_decay), int(nesterov), int(maximize), int(first_momentum_step),
+                ctypes.c_void_p(lr_f.data_ptr()) if lr_f is not None else None,
+                ctypes.c_void_p(inf_f.data_ptr()) if inf_f is not None else None))
+
+    def restore_adam_step_(self, params, grads, backups, head_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                           state_steps, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad,
+                           maximize, lr_tensor=None, found_inf=None) -> None:
+        # The glue's torch part (csrc/cuda/adam_step.cu, the same as the Triton backend's
+        # adam_steps): the step counts, then each tensor's bias corrections in float64.
+        lr_f = lr_tensor.to(torch.float32) if lr_tensor is not None else None
+        inf_f = found_inf.to(torch.float32) if found_inf is not None else None
+        if not len(params):
+            return
+        adam_steps.increment(state_steps, inf_f)
+        coefs = adam_steps.bias_corrections(state_steps, params[0].device, lr if lr_tensor is None else lr_tensor,
+                                            beta1, beta2)
+        for dtype, idx in group_by_dtype(params):
+            w, g, b, m, v = ([lst[i] for i in idx] for lst in (params, grads, backups, exp_avgs, exp_avg_sqs))
+            h = pointers([head_grads[i] for i in idx]) if len(head_grads) else None
+            vmax = pointers([max_exp_avg_sqs[i] for i in idx]) if amsgrad else None
+            group_coefs = coefs.view(-1, 2)[idx].contiguous()  # the glue points into the call's own table
+            self._check(self.lib.emu_restore_adam_step(
+                DTYPE_CODES[dtype], len(idx), pointers(w), pointers(g), pointers(b), h, pointers(m), pointers(v),
+                vmax, numels(w), ctypes.c_void_p(group_coefs.data_ptr()), ctypes.c_double(lr),
+                ctypes.c_double(beta1), ctypes.c_double(beta2), ctypes.c_double(eps), ctypes.c_double(weight_decay),
+                int(decoupled_weight_decay), int(amsgrad), int(maximize),
                 ctypes.c_void_p(lr_f.data_ptr()) if lr_f is not None else None,
                 ctypes.c_void_p(inf_f.data_ptr()) if inf_f is not None else None))
 

@@ -90,6 +90,9 @@ int main() {
   check_all<3>(rng);
   check_all<4>(rng);
   check_all<5>(rng);
+  check_all<6>(rng);
+  check_all<7>(rng);
+  check_all<8>(rng);
   std::printf("failures %d\n", failures);
   return failures == 0 ? 0 : 1;
 }

@@ -37,7 +37,7 @@ def fake_backend(monkeypatch):
     """A backend registered as one record: the reference's ops, claiming to be fast and to
     check nothing, first in auto's order on the CPU."""
     fake = backends.Backend("fake", imbsam.reference, devices=("cpu",), fast=True, checks_inputs=False,
-                            fused_sgd=False)
+                            fused_bases=())
     monkeypatch.setattr(registry, "REGISTRY", {"fake": fake, **backends.REGISTRY})
     backends.clear_caches()
     yield fake
@@ -55,7 +55,7 @@ def test_a_backend_added_as_one_record_is_found_everywhere(fake_backend):
 
 def test_the_engine_acts_on_capabilities_not_names(fake_backend):
     # checks_inputs=False: the engine makes the checks itself (a sparse gradient is refused
-    # with the clear message, before anything is written); fused_sgd=False: torch.optim.SGD
+    # with the clear message, before anything is written); fused_bases=(): torch.optim.SGD
     # steps, so the trajectory is the reference backend's exactly.
     data = batches(2, seed=1)
 

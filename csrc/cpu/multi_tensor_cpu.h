@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -73,6 +74,15 @@ void in_math_precision(T* const (&p)[D], int64_t n, const Kernel& kernel) {
         if (kOutMask & (1 << d)) from_float(scratch[d], p[d] + b, m);
     }
   }
+}
+
+// dst <- src for matching lists: a raw copy, bitwise exact in every dtype.
+inline void copy_lists(at::TensorList dst, at::TensorList src) {
+  for_each_chunk(make_chunks(dst), [&](int64_t, const Chunk& c) {
+    const auto size = dst[c.tensor].element_size();
+    std::memcpy(static_cast<char*>(dst[c.tensor].data_ptr()) + c.begin * size,
+                static_cast<const char*>(src[c.tensor].data_ptr()) + c.begin * size, (c.end - c.begin) * size);
+  });
 }
 
 }  // namespace imbsam::cpu

@@ -16,15 +16,6 @@
 namespace imbsam::cpu {
 namespace {
 
-// dst <- src for matching lists: a raw copy, bitwise exact in every dtype.
-void copy_lists(at::TensorList dst, at::TensorList src) {
-  for_each_chunk(make_chunks(dst), [&](int64_t, const Chunk& c) {
-    const auto size = dst[c.tensor].element_size();
-    std::memcpy(static_cast<char*>(dst[c.tensor].data_ptr()) + c.begin * size,
-                static_cast<const char*>(src[c.tensor].data_ptr()) + c.begin * size, (c.end - c.begin) * size);
-  });
-}
-
 void restore_cpu(at::TensorList params, at::TensorList backups) {
   check_list("restore_", params, "params");
   check_matches("restore_", params, "params", backups, "backups");

@@ -24,13 +24,13 @@ template <bool kLarge>
 struct ArgLimits;
 template <>
 struct ArgLimits<false> {
-  static constexpr int kMaxTensors[5] = {110, 64, 48, 36, 30};
+  static constexpr int kMaxTensors[8] = {110, 64, 48, 36, 30, 26, 22, 20};
   static constexpr int kMaxBlocks = 320;
   static constexpr size_t kMaxArgBytes = 4096;
 };
 template <>
 struct ArgLimits<true> {
-  static constexpr int kMaxTensors[5] = {255, 255, 255, 200, 160};  // block_to_tensor is one byte
+  static constexpr int kMaxTensors[8] = {255, 255, 255, 200, 160, 140, 120, 110};  // block_to_tensor is one byte
   static constexpr int kMaxBlocks = 1024;
   static constexpr size_t kMaxArgBytes = 32764;
 };
@@ -51,7 +51,8 @@ constexpr bool fits() {
   constexpr size_t room = ArgLimits<kLarge>::kMaxArgBytes - 256;
   return sizeof(TensorListMetadata<1, kLarge>) <= room && sizeof(TensorListMetadata<2, kLarge>) <= room &&
          sizeof(TensorListMetadata<3, kLarge>) <= room && sizeof(TensorListMetadata<4, kLarge>) <= room &&
-         sizeof(TensorListMetadata<5, kLarge>) <= room;
+         sizeof(TensorListMetadata<5, kLarge>) <= room && sizeof(TensorListMetadata<6, kLarge>) <= room &&
+         sizeof(TensorListMetadata<7, kLarge>) <= room && sizeof(TensorListMetadata<8, kLarge>) <= room;
 }
 static_assert(fits<false>() && fits<true>(), "metadata too large for its kernel-argument limit");
 
@@ -61,7 +62,7 @@ static_assert(fits<false>() && fits<true>(), "metadata too large for its kernel-
 template <int D, bool kLarge, typename Launch>
 void plan_launches(const std::vector<std::array<void*, D>>& addresses, const std::vector<int64_t>& numels,
                    Launch&& launch) {
-  static_assert(D >= 1 && D <= 5, "depth 1..5");
+  static_assert(D >= 1 && D <= 8, "depth 1..8");
   using Meta = TensorListMetadata<D, kLarge>;
   Meta tl;
   int tensors = 0, blocks = 0;

@@ -64,8 +64,18 @@ void launch_all(const std::vector<std::array<void*, D>>& addresses, const std::v
       });
 }
 
-// Launches Functor over D lists of equal length (list 0 decides the sizes), packed
-// as plan_launches (mta_plan.h) decides, in the largest layout this GPU takes.
+// Launches Functor over D columns of addresses per tensor (numels: each tensor's length),
+// packed as plan_launches (mta_plan.h) decides, in the largest layout this GPU takes.
+template <int D, typename Functor, typename... Args>
+void apply_to_addresses(const std::vector<std::array<void*, D>>& addresses, const std::vector<int64_t>& numels,
+                        Functor f, Args... args) {
+#if IMBSAM_MTA_LARGE_ARGS
+  if (large_args_usable()) return launch_all<D, true>(addresses, numels, f, args...);
+#endif
+  launch_all<D, false>(addresses, numels, f, args...);
+}
+
+// Launches Functor over D lists of equal length (list 0 decides the sizes).
 template <int D, typename Functor, typename... Args>
 void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, Functor f, Args... args) {
   std::vector<std::array<void*, D>> addresses(lists[0].size());
@@ -74,10 +84,7 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, Funct
     for (int d = 0; d < D; ++d) addresses[t][d] = lists[d][t].data_ptr();
     numels[t] = lists[0][t].numel();
   }
-#if IMBSAM_MTA_LARGE_ARGS
-  if (large_args_usable()) return launch_all<D, true>(addresses, numels, f, args...);
-#endif
-  launch_all<D, false>(addresses, numels, f, args...);
+  apply_to_addresses<D>(addresses, numels, f, args...);
 }
 
 }  // namespace imbsam::cuda

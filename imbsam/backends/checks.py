@@ -141,3 +141,53 @@ def sgd_step_lists(params: Sequence[Tensor], grads: Sequence[Tensor], backups: S
         [(momentum_buffers, "momentum_buffers")] if momentum != 0 else [])
     check_list("restore_sgd_step_", params, "params")
     check_all_match("restore_sgd_step_", params, "params", *others)
+
+
+def check_adam_options(amsgrad: bool, max_exp_avg_sqs: Sequence[Tensor]) -> None:
+    if not amsgrad and max_exp_avg_sqs:
+        raise ValueError("imbsam.restore_adam_step_: amsgrad is off but max_exp_avg_sqs were given; pass an empty "
+                         "list")
+
+
+def adam_step_lists(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequence[Tensor],
+                    head_grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
+                    max_exp_avg_sqs: Sequence[Tensor], amsgrad: bool) -> None:
+    """The lists the Adam step reads: g_H only for ImbSAM, max_exp_avg_sqs only with amsgrad."""
+    op = "restore_adam_step_"
+    check_adam_options(amsgrad, max_exp_avg_sqs)
+    others = [(grads, "grads"), (backups, "backups")] + ([(head_grads, "head_grads")] if head_grads else []) + [
+        (exp_avgs, "exp_avgs"), (exp_avg_sqs, "exp_avg_sqs")] + (
+        [(max_exp_avg_sqs, "max_exp_avg_sqs")] if amsgrad else [])
+    check_list(op, params, "params")
+    check_all_match(op, params, "params", *others)
+
+
+_STEP_DTYPES = (torch.float32, torch.float64)
+
+
+def check_adam_steps(params: Sequence[Tensor], steps: Sequence[Tensor], found_inf) -> None:
+    """One 0-d float32/float64 step count per parameter, all on the parameters' device or all
+    on the CPU (where torch.optim.Adam keeps them unless capturable or fused); with CPU steps
+    for device parameters no found_inf (a skip decided on the device would need a host sync)."""
+    op = "restore_adam_step_"
+    if len(steps) != len(params):
+        raise ValueError(f"imbsam.{op}: state_steps has {len(steps)} tensors but params has {len(params)}; "
+                         "they must pair up one to one")
+    if not params:
+        return
+    device = steps[0].device
+    if device != params[0].device and device.type != "cpu":
+        raise ValueError(f"imbsam.{op}: state_steps[0] is on {device} but the parameters are on "
+                         f"{params[0].device}; the step counts must be on the parameters' device or on the CPU")
+    for i, s in enumerate(steps):
+        if s.device != device:
+            raise ValueError(f"imbsam.{op}: state_steps[{i}] is on {s.device} but state_steps[0] is on {device}; "
+                             "all step counts of one call must be on one device")
+        if s.layout != torch.strided or s.numel() != 1 or s.dtype not in _STEP_DTYPES:
+            raise TypeError(f"imbsam.{op}: state_steps[{i}] must be one float32 or float64 value, got a "
+                            f"{s.dtype} tensor of shape {tuple(s.shape)}")
+    if found_inf is not None and device != params[0].device:
+        raise ValueError(f"imbsam.{op}: found_inf was given but the step counts are on the CPU and the parameters "
+                         f"on {params[0].device}; a skip decided on the device cannot leave a CPU step count "
+                         "unchanged without a host sync: keep the steps on the device (Adam's capturable=True or "
+                         "fused=True) or skip on the host")

@@ -165,3 +165,23 @@ def restore_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], backups
             list(params), list(grads), list(backups), list(head_grads), list(momentum_buffers), float(lr),
             float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
             bool(first_momentum_step), lr_tensor, found_inf)
+
+
+@_fake("restore_adam_step_")
+def _restore_adam_step_fake(params, grads, backups, head_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                            lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+                            lr_tensor=None, found_inf=None):
+    return None
+
+
+def restore_adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequence[Tensor],
+                       head_grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
+                       max_exp_avg_sqs: Sequence[Tensor], state_steps: Sequence[Tensor], lr: float, beta1: float,
+                       beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool, amsgrad: bool,
+                       maximize: bool, lr_tensor: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    _require_library()
+    if params:
+        torch.ops.imbsam.restore_adam_step_(
+            list(params), list(grads), list(backups), list(head_grads), list(exp_avgs), list(exp_avg_sqs),
+            list(max_exp_avg_sqs), list(state_steps), float(lr), float(beta1), float(beta2), float(eps),
+            float(weight_decay), bool(decoupled_weight_decay), bool(amsgrad), bool(maximize), lr_tensor, found_inf)

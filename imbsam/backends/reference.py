@@ -8,6 +8,7 @@ in-place contract as the compiled op of the same name (``torch.ops.imbsam.<name>
 * ``restore_``             ``w <- backup`` (bitwise exact: a copy, not a subtraction)
 * ``add_head_grads_``      ImbSAM combine ``g <- g + g_H``
 * ``restore_sgd_step_``    restore, combine and a ``torch.optim.SGD`` step in one pass
+* ``restore_adam_step_``   restore, combine and a ``torch.optim.Adam`` / ``AdamW`` step in one pass
 
 Math runs in float32 for bfloat16/float16 tensors and in the tensor's own dtype for
 float32/float64, then rounds once to the tensor's dtype. Each op checks its inputs first,
@@ -15,6 +16,7 @@ with the checks (and messages) of the fast backends, so it refuses what they ref
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -23,7 +25,7 @@ from torch import Tensor
 from imbsam.backends import checks
 
 # The ops every backend implements, with these functions' signatures: the one list of them.
-OPS = ("grad_norm", "perturb_", "restore_", "add_head_grads_", "restore_sgd_step_")
+OPS = ("grad_norm", "perturb_", "restore_", "add_head_grads_", "restore_sgd_step_", "restore_adam_step_")
 
 # The paper's code adds this to the norm so that a zero gradient gives e = 0, not NaN.
 NORM_EPS = 1e-16
@@ -171,3 +173,74 @@ def restore_sgd_step_(
             new_buf = buf.to(dtype)
             d = d + momentum * new_buf if nesterov else new_buf
         p.copy_(p.to(dtype) - step_lr * d)
+
+
+def restore_adam_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    head_grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+    lr_tensor: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    """w <- backup, then one ``torch.optim.Adam`` step (``AdamW``'s with
+    ``decoupled_weight_decay``) with d = g (+ g_H when given).
+
+    In torch's order of operations (its single-tensor step): each ``state_steps[i]`` (0-d)
+    += 1; d negated for ``maximize``; weight decay coupled (d += wd * w) or decoupled
+    (w *= 1 - lr * wd); m = lerp(m, d, 1 - beta1); v = beta2 * v + (1 - beta2) * d^2;
+    with ``amsgrad`` vmax = max(vmax, v) replaces v below; w -= lr / (1 - beta1^step) * m /
+    (sqrt(v) / sqrt(1 - beta2^step) + eps). bf16/fp16 compute in fp32 (as ``fused=True``
+    does) and round m, v and w once. ``head_grads`` is empty for SAM, ``max_exp_avg_sqs``
+    without amsgrad. A nonzero ``found_inf`` restores the weights and leaves m, v, vmax and
+    the steps unchanged. ``grads`` are read, not modified.
+    """
+    checks.adam_step_lists(params, grads, backups, head_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)
+    for name, s in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
+        if s is not None:
+            checks.check_scalar_on("restore_adam_step_", s, name, params)
+    checks.check_adam_steps(params, state_steps, found_inf)
+    restore_(params, backups)
+    # The reference may read the flag on the host; the compiled ops never do.
+    if found_inf is not None and bool(found_inf.item() != 0):
+        return
+    step_lr = lr_tensor.item() if lr_tensor is not None else lr
+    for i, (p, g) in enumerate(zip(params, grads)):
+        state_steps[i].add_(1)
+        step = state_steps[i].item()
+        dtype = _math_dtype(p)
+        # Python floats rounded to the math dtype, as torch's tensor-scalar ops round them.
+        bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+        neg_step_size = -(step_lr / (1 - beta1 ** step))
+        w = p.to(dtype)
+        d = g.to(dtype)
+        if head_grads:
+            d = d + head_grads[i].to(dtype)
+        if maximize:
+            d = -d
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                w = w * (1 - step_lr * weight_decay)
+            else:
+                d = d + weight_decay * w
+        m = torch.lerp(exp_avgs[i].to(dtype), d, 1 - beta1)
+        v = exp_avg_sqs[i].to(dtype) * beta2 + (1 - beta2) * d * d
+        second = v
+        if amsgrad:
+            second = torch.maximum(max_exp_avg_sqs[i].to(dtype), v)
+            max_exp_avg_sqs[i].copy_(second)
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        p.copy_(w + neg_step_size * m / (second.sqrt() / bias_correction2_sqrt + eps))

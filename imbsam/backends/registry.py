@@ -28,9 +28,11 @@ class Backend:
     devices: tuple[str, ...]  # the device types it runs on, in the order it prefers them
     fast: bool  # a compiled fast path, compared with the reference by benchmarks and tests
     checks_inputs: bool  # its ops check every input before they write (else the engine checks)
-    # Its restore_sgd_step_ replaces torch.optim.SGD's step (the reference's is only the spec
-    # the others are tested against: with it the engine runs torch.optim.SGD itself).
-    fused_sgd: bool
+    # The base optimizers whose step its fused ops replace: "sgd" (restore_sgd_step_ for
+    # torch.optim.SGD), "adam" (restore_adam_step_ for torch.optim.Adam and AdamW). The
+    # reference's are only the spec the others are tested against: with it the engine runs
+    # the base optimizer itself.
+    fused_bases: tuple[str, ...]
     emulated_on: tuple[str, ...] = ()  # device types where it runs only in an emulator (no speed)
     usable_on: Callable[[str], bool] = lambda device_type: True  # noqa: E731
     # Why it is not usable here at all (asked for the message when usable_on says it is not).
@@ -39,15 +41,18 @@ class Backend:
     unusable_at: Callable[[torch.device], "str | None"] = lambda device: None  # noqa: E731
 
 
+# The base optimizers every fast backend fuses (the engine's _fused_sgd and _fused_adam).
+FUSED_BASES = ("sgd", "adam")
+
 # In the order ``auto`` prefers them on a device: the first fast, non-emulated, usable one.
 REGISTRY: dict[str, Backend] = {b.name: b for b in (
-    Backend("reference", reference, devices=("cpu", "cuda"), fast=False, checks_inputs=True, fused_sgd=False),
-    Backend("cpp", compiled, devices=("cpu",), fast=True, checks_inputs=True, fused_sgd=True,
+    Backend("reference", reference, devices=("cpu", "cuda"), fast=False, checks_inputs=True, fused_bases=()),
+    Backend("cpp", compiled, devices=("cpu",), fast=True, checks_inputs=True, fused_bases=FUSED_BASES,
             usable_on=compiled.usable_on_cpu, why_unusable=lambda: compiled.why_unusable("CPU")),
-    Backend("cuda", compiled, devices=("cuda",), fast=True, checks_inputs=True, fused_sgd=True,
+    Backend("cuda", compiled, devices=("cuda",), fast=True, checks_inputs=True, fused_bases=FUSED_BASES,
             usable_on=compiled.usable_on_cuda, why_unusable=lambda: compiled.why_unusable("CUDA"),
             unusable_at=compiled.cuda_unusable_at),
-    Backend("triton", triton_ops, devices=("cuda", "cpu"), fast=True, checks_inputs=True, fused_sgd=True,
+    Backend("triton", triton_ops, devices=("cuda", "cpu"), fast=True, checks_inputs=True, fused_bases=FUSED_BASES,
             emulated_on=("cpu",), usable_on=triton_probe.usable_on, why_unusable=triton_probe.why_unusable),
 )}
 BACKENDS = ("auto", *REGISTRY)  # what a user may ask for

@@ -4,14 +4,14 @@ It owns the per-parameter buffers that live between phases (the weight backup an
 for ImbSAM, the head gradient) and drives the ops of the chosen backend. The base
 optimizer keeps its own state (momentum buffers) exactly as it would without SAM.
 Beside it: ``_hypers`` (hyper-parameter checks), ``_inputs`` (gathering, input checks
-and the guarded retry), ``_plans`` (the per-group plans and backups), ``_fused_sgd``
-(what the fused path knows of ``torch.optim.SGD``), ``_sharded`` (the ops on FSDP2's
-DTensor shards).
+and the guarded retry), ``_plans`` (the per-group plans and backups), ``_fused_sgd`` and
+``_fused_adam`` (what the fused path knows of ``torch.optim.SGD`` and ``Adam``/``AdamW``),
+``_sharded`` (the ops on FSDP2's DTensor shards).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from imbsam import backends
 from imbsam.backends import checks
-from imbsam.optim._fused_sgd import fused_sgd_calls, fused_sgd_possible, precheck_sgd_step
+from imbsam.optim import _fused_adam, _fused_sgd
 from imbsam.optim._hypers import check_adaptive, check_adaptive_eta, check_group_hypers, check_rho
 from imbsam.optim._inputs import fix_layouts, gather, guarded
 from imbsam.optim._plans import GroupPlan, PlanCache
@@ -27,6 +27,28 @@ from imbsam.optim._sharded import LocalShardOps, is_sharded
 
 SAM_PHASES = {"perturb": "first_step", "step": "second_step"}
 IMBSAM_PHASES = {"head": "first_step", "perturb": "second_step", "step": "third_step"}
+
+
+class _FusedStep(NamedTuple):
+    """What the engine needs of a base optimizer whose step a backend fuses."""
+
+    possible: Callable[[torch.optim.Optimizer], bool]  # whether this base optimizer's step may be replaced
+    calls: Callable[..., list]  # a group's op calls: (pairs guarded() may repair, op name, arguments)
+    forget_created: Callable[[torch.optim.Optimizer, list], None]  # undoes the state a rejected step created
+
+
+# By the names in a backend record's fused_bases.
+_FUSED = {"sgd": _FusedStep(_fused_sgd.fused_sgd_possible, _fused_sgd.fused_sgd_calls, _fused_sgd.forget_created),
+          "adam": _FusedStep(_fused_adam.fused_adam_possible, _fused_adam.fused_adam_calls,
+                             _fused_adam.forget_created)}
+# What each op of a fused step checks before it writes (run first when a step takes several calls).
+_PRECHECKS = {"restore_sgd_step_": _fused_sgd.precheck_sgd_step, "restore_adam_step_": _fused_adam.precheck_adam_step,
+              "restore_": checks.restore_lists}
+
+
+def _fused_step_of(base: torch.optim.Optimizer, backend) -> Optional[_FusedStep]:
+    """The fused step that replaces ``base``'s on ``backend``, or None (the generic path)."""
+    return next((_FUSED[name] for name in backend.fused_bases if _FUSED[name].possible(base)), None)
 
 
 class SharpnessEngine:
@@ -268,7 +290,7 @@ class SharpnessEngine:
 
         The step is skipped (weights restored, base state untouched) when the perturbation
         gradient was not finite or the caller's 0-d ``found_inf`` (a GradScaler's, say) is
-        nonzero; on the fused SGD path both are combined and read on the device.
+        nonzero; on the fused paths both are combined and read on the device.
         """
         if found_inf is not None and found_inf.numel() != 1:
             raise ValueError(f"found_inf must hold one value (a 0-d flag), got shape {tuple(found_inf.shape)}")
@@ -308,23 +330,22 @@ class SharpnessEngine:
         backend, ops = backend_and_ops or self._ops(gathered, device)
         # Parameters perturbed but without a gradient now are only restored: after every
         # check below has passed, so that a rejected step leaves all weights at w + e.
-        if backend.fused_sgd and fused_sgd_possible(self.base):
+        fused = _fused_step_of(self.base, backend)
+        if fused is not None:
             skip = self._skip_flag(flags, device)
-            created: list[Tensor] = []  # parameters given a first momentum buffer by this step
-            calls = [call for group, ps, gs, bs, hs in groups
-                     for call in fused_sgd_calls(self.base.state, group, ps, gs, bs, hs, skip, created)]
+            created: list[Tensor] = []  # parameters given a first state by this step
             try:
+                calls = [call for group, ps, gs, bs, hs in groups
+                         for call in fused.calls(self.base, group, ps, gs, bs, hs, skip, created)]
                 if len(calls) > 1 or restore_params:  # each op checks its own input: none may reject after a write
-                    for call in calls:
-                        precheck_sgd_step(*call[1:])
+                    for _, name, args in calls:
+                        _PRECHECKS[name](*args)
                 ops.restore_(restore_params, restore_backups)
-                for call in calls:
-                    guarded(lambda: ops.restore_sgd_step_(*call[1:]), call[0])
+                for pairs, name, args in calls:
+                    op = getattr(ops, name)
+                    guarded(lambda: op(*args), pairs)
             except BaseException:
-                for p in created:  # a rejected step leaves the base optimizer's state as it was
-                    self.base.state[p].pop("momentum_buffer", None)
-                    if not self.base.state[p]:
-                        del self.base.state[p]
+                fused.forget_created(self.base, created)
                 raise
             return
         # The combined gradient goes into new tensors, the tail's kept: a base step that

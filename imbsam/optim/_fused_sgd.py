@@ -1,7 +1,7 @@
 """The fused path's knowledge of ``torch.optim.SGD``: when its step may be replaced by the
 backend's restore_sgd_step_ (restore + combine + SGD in one pass), how a group's
 parameters become calls of that op, and the op's checks in Python for multi-call steps.
-A fused Adam(W) step would sit beside it."""
+Beside it: ``_fused_adam``, the same for torch.optim.Adam / AdamW."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -20,13 +20,13 @@ def fused_sgd_possible(base: torch.optim.Optimizer) -> bool:
         g.get("differentiable", False) for g in base.param_groups)
 
 
-def fused_sgd_calls(state, group, ps, gs, bs, hs, found_inf, created: list) -> list:
-    """The restore_sgd_step_ calls of one group, to be run by the caller: per call, the
-    pairs guarded() may repair, then the op's arguments. ``hs``: head gradients (None
-    entries where absent) or None; ``state``: the base optimizer's. Parameters given a
-    first buffer go into ``created``."""
+def fused_sgd_calls(base: torch.optim.Optimizer, group, ps, gs, bs, hs, found_inf, created: list) -> list:
+    """The restore_sgd_step_ calls of one group, to be run by the caller, each (the pairs
+    guarded() may repair, the op's name, its arguments). ``hs``: head gradients (None
+    entries where absent) or None. Parameters given a first buffer go into ``created``."""
     if not ps:
         return []
+    state = base.state
     momentum = group["momentum"]
     lr = group["lr"]
     lr_tensor = None
@@ -55,11 +55,19 @@ def fused_sgd_calls(state, group, ps, gs, bs, hs, found_inf, created: list) -> l
                 created.append(ps[j])
         sp, sg, sh = pick(ps), pick(gs), pick(hs) if has_head else []
         sb, sbuf = pick(bs), pick(bufs) if momentum != 0 else []
-        calls.append(([(sp, sg, True), (sp, sh, False)] if has_head else [(sp, sg, True)],
-                      sp, sg, sb, sh, sbuf, lr, momentum, group.get("dampening", 0.0),
-                      group.get("weight_decay", 0.0), group.get("nesterov", False), group.get("maximize", False),
-                      not has_buf, lr_tensor, found_inf))
+        calls.append(([(sp, sg, True), (sp, sh, False)] if has_head else [(sp, sg, True)], "restore_sgd_step_",
+                      (sp, sg, sb, sh, sbuf, lr, momentum, group.get("dampening", 0.0),
+                       group.get("weight_decay", 0.0), group.get("nesterov", False), group.get("maximize", False),
+                       not has_buf, lr_tensor, found_inf)))
     return calls
+
+
+def forget_created(base: torch.optim.Optimizer, created: list) -> None:
+    """A rejected step leaves the base optimizer's state as it was."""
+    for p in created:
+        base.state[p].pop("momentum_buffer", None)
+        if not base.state[p]:
+            del base.state[p]
 
 
 def precheck_sgd_step(ps, gs, bs, hs, bufs, lr, momentum, dampening, weight_decay, nesterov, maximize,

@@ -13,6 +13,7 @@
 #include <array>
 #include <vector>
 
+#include "cuda/device/adam_step.cuh"
 #include "cuda/device/norm.cuh"
 #include "cuda/device/updates.cuh"
 
@@ -50,6 +51,20 @@ int apply(void** const (&lists)[D], int n, const int64_t* numels, Functor f, Arg
                          block_offset, f, args...);
       });
   return cuda_emu::last_error().empty() ? 0 : -1;
+}
+
+// The Adam step's lists (w, g, backup[, g_H], m, v[, vmax]) and the bias-correction
+// column, as adam_step.cu packs them.
+template <typename T, bool kHead, bool kAmsgrad>
+int apply_adam(void** const (&in)[7], void** coefs, int n, const int64_t* numels, const imbsam::AdamArgs& a) {
+  constexpr int K = 5 + kHead + kAmsgrad;
+  void** lists[K + 1];
+  int d = 0;
+  for (int i = 0; i < 7; ++i)
+    if (in[i] != nullptr) lists[d++] = in[i];
+  lists[K] = coefs;
+  if (a.decoupled_weight_decay) return apply<K + 1>(lists, n, numels, AdamFunctor<T, kHead, kAmsgrad, true>{}, a);
+  return apply<K + 1>(lists, n, numels, AdamFunctor<T, kHead, kAmsgrad, false>{}, a);
 }
 
 }  // namespace
@@ -136,6 +151,26 @@ int emu_restore_sgd_step(int dtype, int n, void** w, void** g, void** b, void** 
     }
     void** const lists[3] = {w, g, b};
     return apply<3>(lists, n, numels, SgdFunctor<T, false, false>{}, a);
+  });
+}
+
+// head / vmax may be null (SAM / no amsgrad); coefs: two doubles per tensor, its
+// lr / (1 - beta1^step) and sqrt(1 - beta2^step), as the glue computes them on the device.
+int emu_restore_adam_step(int dtype, int n, void** w, void** g, void** b, void** head, void** m, void** v, void** vmax,
+                          const int64_t* numels, double* coefs, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, int decoupled, int amsgrad, int maximize, const float* lr_ptr,
+                          const float* found_inf_ptr) {
+  const imbsam::AdamArgs a{lr,           beta1,         beta2,  eps,          weight_decay, decoupled != 0,
+                           amsgrad != 0, maximize != 0, lr_ptr, found_inf_ptr};
+  std::vector<void*> column(n);
+  for (int t = 0; t < n; ++t) column[t] = coefs + 2 * t;
+  void** const in[7] = {w, g, b, head, m, v, amsgrad ? vmax : nullptr};
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (head && amsgrad) return apply_adam<T, true, true>(in, column.data(), n, numels, a);
+    if (head) return apply_adam<T, true, false>(in, column.data(), n, numels, a);
+    if (amsgrad) return apply_adam<T, false, true>(in, column.data(), n, numels, a);
+    return apply_adam<T, false, false>(in, column.data(), n, numels, a);
   });
 }
 

@@ -12,14 +12,22 @@ namespace imbsam::cuda {
 
 constexpr int kBlockSize = 512;
 
-// Pointers and length of the chunk this block owns.
-template <int D, bool kLarge, typename T>
-__device__ __forceinline__ int64_t chunk_pointers(const TensorListMetadata<D, kLarge>& tl, T* (&ptrs)[D]) {
+// Pointers and length of the chunk this block owns, in the first K of the D lists (the
+// others may hold a per-tensor value instead of an array: tensor_address reads it).
+template <int K, int D, bool kLarge, typename T>
+__device__ __forceinline__ int64_t chunk_pointers(const TensorListMetadata<D, kLarge>& tl, T* (&ptrs)[K]) {
+  static_assert(K <= D, "more pointers than lists");
   const int t = tl.block_to_tensor[blockIdx.x];
   const int64_t offset = static_cast<int64_t>(tl.block_to_chunk[blockIdx.x]) * kChunkSize;
-  for (int d = 0; d < D; ++d) ptrs[d] = static_cast<T*>(tl.addresses[d][t]) + offset;
+  for (int d = 0; d < K; ++d) ptrs[d] = static_cast<T*>(tl.addresses[d][t]) + offset;
   const int64_t left = tl.sizes[t] - offset;
   return left < kChunkSize ? left : kChunkSize;
+}
+
+// List d's address for this block's tensor, not offset by the chunk.
+template <int D, bool kLarge>
+__device__ __forceinline__ const void* tensor_address(const TensorListMetadata<D, kLarge>& tl, int d) {
+  return tl.addresses[d][tl.block_to_tensor[blockIdx.x]];
 }
 
 // Applies op(x) to every element of the chunk, x[d] holding list d's value in math

@@ -215,3 +215,98 @@ def sgd_kernel(w_addrs, g_addrs, b_addrs, h_addrs, buf_addrs, sizes, chunk_tenso
     offs = start + n_full + tl.arange(0, BLOCK)
     _sgd_block(w_ptr, g_ptr, b_ptr, h_ptr, buf_ptr, offs, offs < end, keep, step_lr, momentum, dampening,
                weight_decay, HAS_HEAD, HAS_MOMENTUM, FIRST, NESTEROV, MAXIMIZE, DTYPE, MATH)
+
+
+@triton.jit
+def _sqrt(x, MATH: tl.constexpr):
+    # fp32: IEEE rounding (tl.sqrt may be approximate on a GPU); fp64's is IEEE already.
+    if MATH == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def _div(a, b, MATH: tl.constexpr):
+    # fp32: IEEE rounding (Triton's fp32 division is approximate by default); fp64's is IEEE.
+    if MATH == tl.float32:
+        return tl.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def _adam_block(w_ptr, g_ptr, b_ptr, h_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, keep, neg_step_size, bc2_sqrt,
+                lerp_weight, beta2, one_minus_beta2, eps, weight_decay, decay, HAS_HEAD: tl.constexpr,
+                AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                DTYPE: tl.constexpr, MATH: tl.constexpr):
+    # csrc/adam_math.h's order of operations.
+    w_raw = tl.load(b_ptr + offs, mask=mask)
+    w = w_raw.to(MATH)
+    d = tl.load(g_ptr + offs, mask=mask).to(MATH)
+    if HAS_HEAD:
+        d += tl.load(h_ptr + offs, mask=mask).to(MATH)
+    if MAXIMIZE:
+        d = -d
+    if DECOUPLED:
+        w = w * decay
+    elif HAS_WD:
+        d = d + weight_decay * w
+    m_raw = tl.load(m_ptr + offs, mask=mask)
+    m0 = m_raw.to(MATH)
+    small = (lerp_weight < 0.5) & (lerp_weight > -0.5)  # ATen's lerp: exact at each end of the weight
+    m = tl.where(small, m0 + lerp_weight * (d - m0), d - (d - m0) * (1 - lerp_weight))
+    v_raw = tl.load(v_ptr + offs, mask=mask)
+    v = v_raw.to(MATH) * beta2
+    v = v + one_minus_beta2 * d * d
+    second = v
+    if AMSGRAD:
+        vmax_raw = tl.load(vmax_ptr + offs, mask=mask)
+        vmax0 = vmax_raw.to(MATH)
+        second = tl.where((vmax0 > v) | (vmax0 != vmax0), vmax0, v)  # torch.maximum keeps a NaN
+        tl.store(vmax_ptr + offs, tl.where(keep, _store_cast(second, DTYPE), vmax_raw), mask=mask)
+    denom = _div(_sqrt(second, MATH), bc2_sqrt, MATH) + eps
+    new_w = w + _div(neg_step_size * m, denom, MATH)
+    tl.store(m_ptr + offs, tl.where(keep, _store_cast(m, DTYPE), m_raw), mask=mask)
+    tl.store(v_ptr + offs, tl.where(keep, _store_cast(v, DTYPE), v_raw), mask=mask)
+    tl.store(w_ptr + offs, tl.where(keep, _store_cast(new_w, DTYPE), w_raw), mask=mask)
+
+
+@triton.jit
+def adam_kernel(w_addrs, g_addrs, b_addrs, h_addrs, m_addrs, v_addrs, vmax_addrs, index, coefs, sizes,
+                chunk_tensor, chunk_start, decay, lr_ptr, found_inf_ptr, lerp_weight, beta2, one_minus_beta2, eps,
+                weight_decay,
+                HAS_HEAD: tl.constexpr, AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr,
+                MAXIMIZE: tl.constexpr, HAS_LR_PTR: tl.constexpr, DTYPE: tl.constexpr, MATH: tl.constexpr,
+                CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """w <- backup; d = g (+ g_H); torch.optim.Adam(W)'s update of w, m, v (and vmax).
+
+    ``lerp_weight`` = 1 - beta1, ``one_minus_beta2`` and ``decay`` = 1 - lr * wd come from
+    the host, computed in double as torch computes them.
+    ``coefs[2 * i]``, ``coefs[2 * i + 1]``: the call's tensor i's lr / (1 - beta1^step) and
+    sqrt(1 - beta2^step) (fp64, computed on the device); ``index[t]`` is this launch's
+    tensor t's i. ``found_inf_ptr`` always points at a 0-d float32 (zero when the caller
+    has none): nonzero restores w and leaves m, v and vmax alone.
+    """
+    t, start, end, n_full = _chunk(sizes, chunk_tensor, chunk_start, CHUNK, BLOCK)
+    w_ptr = _ptr(w_addrs, t, DTYPE, ALIGNED)
+    g_ptr = _ptr(g_addrs, t, DTYPE, ALIGNED)
+    b_ptr = _ptr(b_addrs, t, DTYPE, ALIGNED)
+    h_ptr = _ptr(h_addrs, t, DTYPE, ALIGNED)  # read only when HAS_HEAD
+    m_ptr = _ptr(m_addrs, t, DTYPE, ALIGNED)
+    v_ptr = _ptr(v_addrs, t, DTYPE, ALIGNED)
+    vmax_ptr = _ptr(vmax_addrs, t, DTYPE, ALIGNED)  # read only when AMSGRAD
+    i = tl.load(index + t)
+    neg_step_size = (-tl.load(coefs + 2 * i)).to(MATH)
+    bc2_sqrt = tl.load(coefs + 2 * i + 1).to(MATH)
+    if HAS_LR_PTR:  # else the host computed AdamW's 1 - lr * wd in double, as torch does
+        decay = 1 - tl.load(lr_ptr).to(tl.float32) * weight_decay
+    keep = tl.load(found_inf_ptr) == 0
+    for s in range(start, start + n_full, BLOCK):
+        _adam_block(w_ptr, g_ptr, b_ptr, h_ptr, m_ptr, v_ptr, vmax_ptr, _full_block(s, BLOCK), None, keep,
+                    neg_step_size, bc2_sqrt, lerp_weight, beta2, one_minus_beta2, eps, weight_decay, decay, HAS_HEAD,
+                    AMSGRAD, DECOUPLED, HAS_WD, MAXIMIZE, DTYPE, MATH)
+    offs = start + n_full + tl.arange(0, BLOCK)
+    _adam_block(w_ptr, g_ptr, b_ptr, h_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < end, keep, neg_step_size, bc2_sqrt,
+                lerp_weight, beta2, one_minus_beta2, eps, weight_decay, decay, HAS_HEAD, AMSGRAD, DECOUPLED, HAS_WD,
+                MAXIMIZE, DTYPE, MATH)

@@ -1,4 +1,4 @@
-"""The Triton backend: the five imbsam ops as torch custom ops ``torch.ops.imbsam.triton_*``.
+"""The Triton backend: the six imbsam ops as torch custom ops ``torch.ops.imbsam.triton_*``.
 
 Same signatures and semantics as ``imbsam.backends.reference`` (the spec) and the compiled ops.
 They are registered with ``torch.library.custom_op`` rather than ``triton_op``: the
@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils import _python_dispatch
 
+from imbsam.backends import adam_steps as steps
 from imbsam.backends import checks, reference
 from imbsam.backends.triton import probe
 
@@ -138,6 +139,45 @@ def _restore_sgd_step_impl(params: List[Tensor], grads: List[Tensor], backups: L
                     MATH=math)
 
 
+def _restore_adam_step_impl(params: List[Tensor], grads: List[Tensor], backups: List[Tensor],
+                            head_grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
+                            max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor], lr: float, beta1: float,
+                            beta2: float, eps: float, weight_decay: float, decoupled_weight_decay: bool,
+                            amsgrad: bool, maximize: bool, lr_tensor: Optional[Tensor] = None,
+                            found_inf: Optional[Tensor] = None) -> None:
+    checks.check_adam_options(amsgrad, max_exp_avg_sqs)
+    lists = [params, grads, backups] + ([head_grads] if head_grads else []) + [exp_avgs, exp_avg_sqs] + (
+        [max_exp_avg_sqs] if amsgrad else [])
+
+    def validate():
+        checks.adam_step_lists(params, grads, backups, head_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)
+
+    if not params:
+        return
+    for name, s in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
+        if s is not None:
+            checks.check_scalar_on("restore_adam_step_", s, name, params)
+    checks.check_adam_steps(params, state_steps, found_inf)
+    device = params[0].device
+    with tables.on_device(params[0]):
+        plan = tables.plan_for(lists, validate)
+        flag = (found_inf if found_inf is not None else _zero_flag(device)).to(torch.float32)
+        lr_ptr = lr_tensor.to(torch.float32) if lr_tensor is not None else flag
+        steps.increment(state_steps, None if found_inf is None else flag)
+        coefs = steps.bias_corrections(state_steps, device, lr if lr_tensor is None else lr_tensor, beta1, beta2)
+        n_head = 1 if head_grads else 0
+        for storage, math, tab in plan.groups:
+            a = tab.addrs
+            h = a[3] if head_grads else a[0]
+            vmax = a[5 + n_head] if amsgrad else a[0]
+            tables.launch(K.adam_kernel, tab, a[0], a[1], a[2], h, a[3 + n_head], a[4 + n_head], vmax, tab.index,
+                          coefs, decay=1 - lr * weight_decay, lr_ptr=lr_ptr, found_inf_ptr=flag,
+                          lerp_weight=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2, eps=eps,
+                          weight_decay=weight_decay, HAS_HEAD=bool(head_grads), AMSGRAD=amsgrad,
+                          DECOUPLED=decoupled_weight_decay, HAS_WD=weight_decay != 0, MAXIMIZE=maximize,
+                          HAS_LR_PTR=lr_tensor is not None, DTYPE=storage, MATH=math)
+
+
 _grad_norm = torch.library.custom_op("imbsam::triton_grad_norm", _grad_norm_impl, mutates_args=())
 _perturb = torch.library.custom_op("imbsam::triton_perturb_", _perturb_impl, mutates_args=("params", "backups"))
 _restore = torch.library.custom_op("imbsam::triton_restore_", _restore_impl, mutates_args=("params",))
@@ -153,7 +193,12 @@ def _(grads, adaptive_grads, adaptive_params, eta_a):
     return everything[0].new_empty((), dtype=reference.norm_dtype(everything))
 
 
-for _op in (_perturb, _restore, _add_head_grads, _restore_sgd_step):
+_restore_adam_step = torch.library.custom_op(
+    "imbsam::triton_restore_adam_step_", _restore_adam_step_impl,
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"))
+
+
+for _op in (_perturb, _restore, _add_head_grads, _restore_sgd_step, _restore_adam_step):
     _op.register_fake(lambda *args, **kwargs: None)
 
 
@@ -203,3 +248,13 @@ def restore_sgd_step_(params, grads, backups, head_grads, momentum_buffers, lr, 
         call(list(params), list(grads), list(backups), list(head_grads), list(momentum_buffers), float(lr),
              float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
              bool(first_momentum_step), lr_tensor, found_inf)
+
+
+def restore_adam_step_(params, grads, backups, head_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
+                       beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, lr_tensor=None,
+                       found_inf=None):
+    if params:
+        call = _restore_adam_step_impl if _eager(params[0]) else torch.ops.imbsam.triton_restore_adam_step_
+        call(list(params), list(grads), list(backups), list(head_grads), list(exp_avgs), list(exp_avg_sqs),
+             list(max_exp_avg_sqs), list(state_steps), float(lr), float(beta1), float(beta2), float(eps),
+             float(weight_decay), bool(decoupled_weight_decay), bool(amsgrad), bool(maximize), lr_tensor, found_inf)

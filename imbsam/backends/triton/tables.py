@@ -16,10 +16,11 @@ from imbsam.backends.triton import kernels as K
 
 
 class Tables:
-    """One launch group (one dtype, one alignment): tensor addresses per list, sizes, and
-    the chunk -> (tensor, start) map, on the tensors' device."""
+    """One launch group (one dtype, one alignment): tensor addresses per list, sizes, the
+    chunk -> (tensor, start) map, and each tensor's index in the call's lists (``index``:
+    where a kernel finds a per-tensor value of the call), on the tensors' device."""
 
-    def __init__(self, lists: list[list[Tensor]], aligned: bool):
+    def __init__(self, lists: list[list[Tensor]], aligned: bool, index: Sequence[int]):
         device = lists[0][0].device
         sizes = [t.numel() for t in lists[0]]
         chunk_tensor, chunk_start = [], []
@@ -29,21 +30,21 @@ class Tables:
                 chunk_start.append(start)
         host = [torch.tensor([[t.data_ptr() for t in lst] for lst in lists], dtype=torch.int64),
                 torch.tensor(sizes, dtype=torch.int64), torch.tensor(chunk_tensor, dtype=torch.int64),
-                torch.tensor(chunk_start, dtype=torch.int64)]
+                torch.tensor(chunk_start, dtype=torch.int64), torch.tensor(index, dtype=torch.int64)]
         self.streams: set = set()
         if device.type == "cuda":
             # Pinned source + non_blocking: the copy is queued on the stream, no host sync.
             # The pinned tensors stay referenced: a graph that captured this copy replays it.
             self._host = [h.pin_memory() for h in host]
             stream = torch.cuda.current_stream(device)
-            self.addrs, self.sizes, self.chunk_tensor, self.chunk_start = (
+            self.addrs, self.sizes, self.chunk_tensor, self.chunk_start, self.index = (
                 h.to(device, non_blocking=True) for h in self._host)
             self.streams.add(stream)
             self.ready = torch.cuda.Event()
             if not torch.cuda.is_current_stream_capturing():  # a captured plan is never used eagerly
                 self.ready.record(stream)
         else:
-            self.addrs, self.sizes, self.chunk_tensor, self.chunk_start = host
+            self.addrs, self.sizes, self.chunk_tensor, self.chunk_start, self.index = host
         self.n_chunks = len(chunk_tensor)
         # Every list's tensor 16-byte aligned: the kernels may load and store 16 bytes at a time.
         self.aligned = aligned
@@ -56,7 +57,7 @@ class Tables:
             # done, and CAPTURE_PLANS keeps the memory for as long as graphs may replay.
             return
         stream.wait_event(self.ready)
-        for t in (self.addrs, self.sizes, self.chunk_tensor, self.chunk_start):
+        for t in (self.addrs, self.sizes, self.chunk_tensor, self.chunk_start, self.index):
             t.record_stream(stream)
         self.streams.add(stream)
 
@@ -73,7 +74,7 @@ def build_plan(lists: Sequence[Sequence[Tensor]]) -> list:
     for i, t in enumerate(lists[0]):
         if t.numel():
             by_group.setdefault((t.dtype, aligned(lists, i)), []).append(i)
-    return [(*types_of(dtype), Tables([[lst[i] for i in idx] for lst in lists], aligned))
+    return [(*types_of(dtype), Tables([[lst[i] for i in idx] for lst in lists], aligned, idx))
             for (dtype, aligned), idx in by_group.items()]
 
 
