@@ -117,7 +117,9 @@ def _save(fig, path: str) -> None:
     print(f"wrote {path}")
 
 
-PLOTS = {"optimizer_step": plot_optimizer_step, "op": plot_ops, "train_iter": plot_train_iter}
+# adam_step records carry the optimizer_step fields the plot reads (method, dtype, backend, floor).
+PLOTS = {"optimizer_step": plot_optimizer_step, "adam_step": plot_optimizer_step, "op": plot_ops,
+         "train_iter": plot_train_iter}
 
 
 def plot_file(json_path: str, out_dir: str | None = None) -> str | None:

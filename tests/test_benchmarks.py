@@ -81,3 +81,12 @@ def test_train_iter(tmp_path):
     assert {r["bench"] for r in records} == {"train_iter"}
     assert {r["method"] for r in records} == {"sgd", "sam", "imbsam"}
     assert_plotted(tmp_path)
+
+
+def test_adam_step(tmp_path):
+    records = run_benchmark(tmp_path, "bench_adam_step.py", "--model", "resnet32", "--reps", "1")
+    assert {r["bench"] for r in records} == {"adam_step"}
+    backends = {r["backend"] for r in records}
+    assert {"reference", "generic-foreach", "generic-fused"} <= backends and "cpp" in backends
+    assert all(r["x_floor"] > 0 and r["speedup_vs_generic"] > 0 for r in records)
+    assert_plotted(tmp_path)

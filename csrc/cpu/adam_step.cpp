@@ -23,16 +23,19 @@ struct BiasCorrection {
 
 // Lists x = (w, g, backup[, g_H], m, v[, vmax]) in math precision; w is only written.
 template <typename T, bool kHead, bool kAmsgrad, bool kDecoupled>
-void adam_math(math_t<T>* const* x, int64_t n, const AdamScalars<math_t<T>>& s) {
+void adam_math(math_t<T>* const* x, int64_t n, const AdamScalars<math_t<T>>& scalars) {
   using M = math_t<T>;
+  const AdamScalars<M> s = scalars;  // a local copy: no store in the loop can change it
   constexpr int kM = 3 + kHead;
-  M* w = x[0];
-  const M* g = x[1];
-  const M* backup = x[2];
-  const M* h = kHead ? x[3] : nullptr;
-  M* m = x[kM];
-  M* v = x[kM + 1];
-  M* vmax = kAmsgrad ? x[kM + 2] : nullptr;
+  // Distinct tensors (the checks made them the parameters' twins, never one another):
+  // __restrict__ lets every variant vectorise without run-time alias checks.
+  M* __restrict__ w = x[0];
+  const M* __restrict__ g = x[1];
+  const M* __restrict__ backup = x[2];
+  const M* __restrict__ h = kHead ? x[3] : nullptr;
+  M* __restrict__ m = x[kM];
+  M* __restrict__ v = x[kM + 1];
+  M* __restrict__ vmax = kAmsgrad ? x[kM + 2] : nullptr;
   M unused = 0;
   for (int64_t i = 0; i < n; ++i) {
     M d = g[i];
