@@ -17,7 +17,7 @@ try:
 except ImportError:  # torch < 2.6 keeps it under its composable API, whose CPU use (2.4.1 seen)
     fully_shard = None  # creates CUDA streams and fails without a GPU: not testable here
 
-KINDS = ("sam", "asam", "imbsam")
+KINDS = ("sam", "asam", "imbsam", "imbsam-adamw")  # the last: the fused Adam(W) step on the shards
 BACKENDS = imbsam.backends.backends_for("cpu")  # the triton backend under its interpreter too
 
 
@@ -37,13 +37,16 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1) -> dict:
         fully_shard(model, mesh=mesh)
     if kind == "imbsam":
         opt = imbsam.ImbSAM(model.parameters(), torch.optim.SGD, rho=0.5, backend=backend, **KW)
+    elif kind == "imbsam-adamw":
+        opt = imbsam.ImbSAM(model.parameters(), torch.optim.AdamW, rho=0.5, backend=backend, lr=1e-2, amsgrad=True)
     else:
         opt = imbsam.SAM(model.parameters(), torch.optim.SGD, rho=0.5, adaptive=kind == "asam", backend=backend, **KW)
-    step = make_step("imbsam" if kind == "imbsam" else "sam", model, opt, imbsam.HeadTailLoss(COUNTS))
+    step = make_step("imbsam" if kind.startswith("imbsam") else "sam", model, opt, imbsam.HeadTailLoss(COUNTS))
     for x, y in batches():
         step(x[rank::world], y[rank::world])
+    state = "exp_avg_sq" if kind.endswith("adamw") else "momentum_buffer"
     return dict(params=[whole(p) for p in model.parameters()],
-                buffers=[whole(opt.base_optimizer.state[p]["momentum_buffer"]) for p in model.parameters()])
+                buffers=[whole(opt.base_optimizer.state[p][state]) for p in model.parameters()])
 
 
 def _rank(rank: int, world: int, path: str) -> None:

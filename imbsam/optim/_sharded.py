@@ -72,3 +72,10 @@ class LocalShardOps:
     def restore_sgd_step_(self, params, grads, backups, head_grads, momentum_buffers, *args, **kwargs) -> None:
         self.ops.restore_sgd_step_(_local(params), _local(grads), _local(backups), _local(head_grads),
                                    _local(momentum_buffers), *args, **kwargs)
+
+    def restore_adam_step_(self, params, grads, backups, head_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                           state_steps, *args, **kwargs) -> None:
+        # Adam's step counts are plain tensors under FSDP2; its moments are DTensors like the parameters.
+        self.ops.restore_adam_step_(_local(params), _local(grads), _local(backups), _local(head_grads),
+                                    _local(exp_avgs), _local(exp_avg_sqs), _local(max_exp_avg_sqs), state_steps,
+                                    *args, **kwargs)
