@@ -26,10 +26,10 @@ def batches(n: int = 3):
     return [(torch.randn(8, 6, generator=gen), torch.randint(0, len(COUNTS), (8,), generator=gen)) for _ in range(n)]
 
 
-def setup(kind: str, backend: str, scaler=None):
+def setup(kind: str, backend: str, scaler=None, base=torch.optim.SGD):
     model = mlp()
     cls = imbsam.ImbSAM if kind == "imbsam" else imbsam.SAM
-    opt = cls(model.parameters(), torch.optim.SGD, rho=0.5, backend=backend, **KW)
+    opt = cls(model.parameters(), base, rho=0.5, backend=backend, **(KW if base is torch.optim.SGD else dict(lr=1e-2)))
     if scaler is not None:
         imbsam.use_grad_scaler(opt, scaler)
     return model, opt
@@ -60,9 +60,10 @@ def one_step(kind, model, opt, x, y, scale=lambda loss: loss, overflow_in=None):
 
 
 def state(model, opt):
+    """The weights, and every tensor of the base optimizer's state (SGD's momentum buffers;
+    Adam's step counts and moments)."""
     return ([p.detach().clone() for p in model.parameters()],
-            [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()
-             if "momentum_buffer" in opt.base_optimizer.state[p]])
+            [v.clone() for p in model.parameters() for _, v in sorted(opt.base_optimizer.state[p].items())])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -82,11 +83,12 @@ def test_a_scaled_run_is_the_unscaled_run(kind, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,phase", [(k, p) for k in PHASES for p in PHASES[k]])
-def test_an_overflow_in_any_phase_skips_the_step_and_backs_off(kind, phase, backend):
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW], ids=["sgd", "adamw"])
+def test_an_overflow_in_any_phase_skips_the_step_and_backs_off(kind, phase, backend, base):
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, backoff_factor=0.5, growth_interval=1000)
-    model, opt = setup(kind, backend, scaler)
+    model, opt = setup(kind, backend, scaler, base)
     (x, y), (x2, y2) = batches(2)
-    one_step(kind, model, opt, x, y, scale=scaler.scale)  # a step first: momentum buffers exist
+    one_step(kind, model, opt, x, y, scale=scaler.scale)  # a step first: the base state exists
     scaler.update()
     before = state(model, opt)
     one_step(kind, model, opt, x2, y2, scale=scaler.scale, overflow_in=phase)
