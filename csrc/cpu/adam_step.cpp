@@ -7,8 +7,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "../adam_args.h"
@@ -23,23 +21,13 @@ struct BiasCorrection {
   double step_size, bias_correction2_sqrt;
 };
 
-// Lists x = (w, g, backup[, g_H], m, v[, vmax]) in math precision; w is only written.
-// Inlined into each instruction-set variant below, which compiles it for its vector width.
-template <typename T, bool kHead, bool kAmsgrad, bool kDecoupled>
-__attribute__((always_inline)) inline void adam_loop(math_t<T>* const* x, int64_t n,
-                                                     const AdamScalars<math_t<T>>& scalars) {
-  using M = math_t<T>;
-  const AdamScalars<M> s = scalars;  // a local copy: no store in the loop can change it
-  constexpr int kM = 3 + kHead;
-  // Distinct tensors (the checks made them the parameters' twins, never one another):
-  // __restrict__ lets every variant vectorise without run-time alias checks.
-  M* __restrict__ w = x[0];
-  const M* __restrict__ g = x[1];
-  const M* __restrict__ backup = x[2];
-  const M* __restrict__ h = kHead ? x[3] : nullptr;
-  M* __restrict__ m = x[kM];
-  M* __restrict__ v = x[kM + 1];
-  M* __restrict__ vmax = kAmsgrad ? x[kM + 2] : nullptr;
+// The element loop over one block. Distinct tensors (the checks made them the
+// parameters' twins, never one another): __restrict__ on the parameters lets each
+// instantiation vectorise (GCC gives up on run-time alias checks between six or more arrays,
+// and ignores restrict on local pointers). vmax is read and written only with kAmsgrad.
+template <typename M, bool kHead, bool kAmsgrad, bool kDecoupled>
+inline void adam_loop(M* __restrict__ w, const M* __restrict__ g, const M* __restrict__ backup, const M* __restrict__ h,
+                      M* __restrict__ m, M* __restrict__ v, M* __restrict__ vmax, int64_t n, const AdamScalars<M> s) {
   M unused = 0;
   for (int64_t i = 0; i < n; ++i) {
     M d = g[i];
@@ -48,58 +36,13 @@ __attribute__((always_inline)) inline void adam_loop(math_t<T>* const* x, int64_
   }
 }
 
-// Adam's sqrt and two divisions per element make the loop compute-bound at baseline
-// x86-64's 16-byte vectors, so it is also compiled for AVX2 and AVX-512 and the widest the
-// CPU has runs. IEEE sqrt and division round alike at every width, and -ffp-contract=off
-// keeps fused multiply-adds out (the targets do not enable FMA), so every variant gives
-// the same bits (tests/test_adam_step.py runs each). IMBSAM_CPU_ISA=baseline|avx2|avx512
-// picks one (for that test and for benchmarks); a variant the CPU lacks is never run.
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-Isa cpu_isa() {
-  static const Isa isa = [] {
-#if defined(__x86_64__)
-    const bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2");
-    const char* want = std::getenv("IMBSAM_CPU_ISA");
-    const std::string w = want ? want : "";
-    if (w == "baseline") return Isa::kBaseline;
-    if (w == "avx2") return avx2 ? Isa::kAvx2 : Isa::kBaseline;
-    return avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kBaseline;
-#else
-    return Isa::kBaseline;
-#endif
-  }();
-  return isa;
-}
-
-template <typename T, bool kHead, bool kAmsgrad, bool kDecoupled>
-void adam_math_baseline(math_t<T>* const* x, int64_t n, const AdamScalars<math_t<T>>& s) {
-  adam_loop<T, kHead, kAmsgrad, kDecoupled>(x, n, s);
-}
-
-#if defined(__x86_64__)
-template <typename T, bool kHead, bool kAmsgrad, bool kDecoupled>
-__attribute__((target("avx2"))) void adam_math_avx2(math_t<T>* const* x, int64_t n, const AdamScalars<math_t<T>>& s) {
-  adam_loop<T, kHead, kAmsgrad, kDecoupled>(x, n, s);
-}
-
-template <typename T, bool kHead, bool kAmsgrad, bool kDecoupled>
-__attribute__((target("avx512f"))) void adam_math_avx512(math_t<T>* const* x, int64_t n,
-                                                         const AdamScalars<math_t<T>>& s) {
-  adam_loop<T, kHead, kAmsgrad, kDecoupled>(x, n, s);
-}
-#endif
-
+// Lists x = (w, g, backup[, g_H], m, v[, vmax]) in math precision; w is only written.
 template <typename T, bool kHead, bool kAmsgrad, bool kDecoupled>
 void adam_math(math_t<T>* const* x, int64_t n, const AdamScalars<math_t<T>>& s) {
-#if defined(__x86_64__)
-  switch (cpu_isa()) {
-    case Isa::kAvx512: return adam_math_avx512<T, kHead, kAmsgrad, kDecoupled>(x, n, s);
-    case Isa::kAvx2: return adam_math_avx2<T, kHead, kAmsgrad, kDecoupled>(x, n, s);
-    case Isa::kBaseline: break;
-  }
-#endif
-  adam_math_baseline<T, kHead, kAmsgrad, kDecoupled>(x, n, s);
+  using M = math_t<T>;
+  constexpr int kM = 3 + kHead;
+  adam_loop<M, kHead, kAmsgrad, kDecoupled>(x[0], x[1], x[2], kHead ? x[3] : nullptr, x[kM], x[kM + 1],
+                                            kAmsgrad ? x[kM + 2] : nullptr, n, s);
 }
 
 template <typename T, bool kHead, bool kAmsgrad>
