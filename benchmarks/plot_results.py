@@ -25,7 +25,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLOURS = {"reference": "tab:grey", "paper": "tab:brown", "foreach": "tab:olive", "cpp": "tab:blue",
-           "cuda": "tab:green", "triton": "tab:purple", "torch": "tab:cyan"}
+           "cuda": "tab:green", "triton": "tab:purple", "torch": "tab:cyan",
+           "generic-foreach": "tab:olive", "generic-fused": "tab:orange"}  # bench_adam_step's baselines
 LABELS = {"foreach": "torch._foreach", "paper": "paper's code"}
 TARGET_PCT = 80  # the GPU target for every elementwise op and the norm (H100)
 
