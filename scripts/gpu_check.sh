@@ -2,9 +2,9 @@
 # The prepared GPU check, one call on a GPU machine without network (its torch, triton,
 # nvcc and pytest are used as they are): build with the CUDA kernels, run the whole
 # test suite (GPU tests included), then the kernel, optimizer-step and training-
-# iteration benchmarks. Everything lands in OUTDIR (at most 8 files):
+# iteration benchmarks. Everything lands in OUTDIR (at most 9 files):
 #   env.txt  run.log  tests.log  ops.json  optimizer_step_resnet34.json
-#   optimizer_step_vit_b_16.json  train_iter.json  python_overhead.json
+#   optimizer_step_vit_b_16.json  train_iter.json  adam_step_vit_b_16.json  python_overhead.json
 # Each stage has its own time limit, and all of them together stay inside an overall
 # budget (GPU_CHECK_BUDGET_S, default 330 s: a device session has 15 minutes in all, and
 # this leaves room for a rerun); a stage that would overrun is cut, the rest reported.
@@ -39,5 +39,8 @@ step_bench resnet34 40
 stage bench_ops 40 "$PY" benchmarks/bench_ops.py --device cuda --dtypes float32,bfloat16 --out "$OUT/ops.json"
 stage train_iter 60 "$PY" benchmarks/bench_train_iter.py --device cuda --reps 30 --out "$OUT/train_iter.json"
 step_bench vit_b_16 50
+# SAM / ImbSAM with AdamW: the fused restore_adam_step_ against restore + combine + torch's AdamW.
+stage adam_step 30 "$PY" benchmarks/bench_adam_step.py --device cuda --model vit_b_16 --reps 10 \
+  --out "$OUT/adam_step_vit_b_16.json"
 stage python_overhead 30 "$PY" benchmarks/bench_python_overhead.py --device cuda --backends cuda,triton --rounds 3 --out "$OUT/python_overhead.json"
 echo "== done" | tee -a "$LOG"

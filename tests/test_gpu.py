@@ -22,10 +22,15 @@ GPU_BACKENDS = imbsam.backends.backends_for("cuda", fast_only=True)
 COUNTS = [500, 400, 300, 200, 150, 100, 60, 15, 10, 5]
 
 
-def make_opt(kind, model, backend):
+# The fused base steps: SGD, and AdamW with its step counts on the device (capturable).
+BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+         "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2, capturable=True))}
+
+
+def make_opt(kind, model, backend, base="sgd"):
     cls = imbsam.ImbSAM if kind == "imbsam" else imbsam.SAM
-    return cls(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, lr=0.05, momentum=0.9,
-               weight_decay=1e-3)
+    optimizer, kw = BASES[base]
+    return cls(model.parameters(), optimizer, rho=0.05, backend=backend, **kw)
 
 
 def full_step(kind, model, opt, split, x, y):
@@ -34,13 +39,14 @@ def full_step(kind, model, opt, split, x, y):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("kind", ["sam", "imbsam"])
-def test_cuda_graph_replay_matches_eager(backend, kind):
+@pytest.mark.parametrize("base", list(BASES))
+def test_cuda_graph_replay_matches_eager(backend, kind, base):
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, 3, 8, 8, generator=gen).cuda(), torch.randint(0, 10, (16,), generator=gen).cuda())
                for _ in range(6)]
     model = small_cnn().cuda()
     eager_model = copy.deepcopy(model)
-    opt, eager_opt = make_opt(kind, model, backend), make_opt(kind, eager_model, backend)
+    opt, eager_opt = make_opt(kind, model, backend, base), make_opt(kind, eager_model, backend, base)
     split = imbsam.HeadTailLoss(COUNTS).cuda()
     static_x, static_y = batches[0][0].clone(), batches[0][1].clone()
 
@@ -69,9 +75,10 @@ def test_cuda_graph_replay_matches_eager(backend, kind):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_fused_step_does_not_sync(backend):
+@pytest.mark.parametrize("base", list(BASES))
+def test_fused_step_does_not_sync(backend, base):
     model = small_cnn().cuda()
-    opt = make_opt("imbsam", model, backend)
+    opt = make_opt("imbsam", model, backend, base)
     split = imbsam.HeadTailLoss(COUNTS).cuda()
     x, y = torch.randn(16, 3, 8, 8, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
     full_step("imbsam", model, opt, split, x, y)  # first step allocates

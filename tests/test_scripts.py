@@ -49,13 +49,14 @@ def test_gpu_check_runs_every_stage_in_order(tmp_path, fake_python):
     assert result.returncode == 0, result.stderr
     log = (out / "run.log").read_text()
     stages = ["build", "backends", "tests", "optimizer_step resnet34", "bench_ops", "train_iter",
-              "optimizer_step vit_b_16", "python_overhead", "done"]
+              "optimizer_step vit_b_16", "adam_step", "python_overhead", "done"]
     positions = [log.index(f"== {s}") for s in stages]
     assert positions == sorted(positions), log
     assert "skipped" not in log and (out / "env.txt").exists()
     recorded = calls.read_text()
     assert "IMBSAM_BUILD_CUDA" not in recorded  # env is set by `env`, not passed to python
-    for script in ("bench_optimizer_step.py", "bench_ops.py", "bench_train_iter.py", "bench_python_overhead.py"):
+    for script in ("bench_optimizer_step.py", "bench_ops.py", "bench_train_iter.py", "bench_adam_step.py",
+                   "bench_python_overhead.py"):
         assert f"benchmarks/{script} --device cuda" in recorded, script
     assert f"--out {out}/optimizer_step_resnet34.json" in recorded
 
