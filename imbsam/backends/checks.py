@@ -103,6 +103,13 @@ def check_scalar_on(op: str, s: Tensor, name: str, ref: Sequence[Tensor]) -> Non
         raise ValueError(f"imbsam.{op}: {name} is on {s.device} but the tensors are on {ref[0].device}")
 
 
+def check_step_scalars(op: str, params: Sequence[Tensor], lr_tensor, found_inf) -> None:
+    """The fused steps' optional 0-d scalars: one value each, on the parameters' device."""
+    for name, s in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
+        if s is not None:
+            check_scalar_on(op, s, name, params)
+
+
 # ---- one check per op --------------------------------------------------------------------
 
 def grad_norm_lists(grads: Sequence[Tensor], adaptive_grads: Sequence[Tensor],

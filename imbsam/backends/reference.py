@@ -145,9 +145,7 @@ def restore_sgd_step_(
     """
     checks.check_sgd_options(momentum, dampening, nesterov, momentum_buffers)
     checks.sgd_step_lists(params, grads, backups, head_grads, momentum_buffers, momentum)
-    for name, s in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
-        if s is not None:
-            checks.check_scalar_on("restore_sgd_step_", s, name, params)
+    checks.check_step_scalars("restore_sgd_step_", params, lr_tensor, found_inf)
     restore_(params, backups)
     # The reference may read the flag on the host; the compiled ops never do.
     if found_inf is not None and bool(found_inf.item() != 0):
@@ -208,9 +206,7 @@ def restore_adam_step_(
     the steps unchanged. ``grads`` are read, not modified.
     """
     checks.adam_step_lists(params, grads, backups, head_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)
-    for name, s in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
-        if s is not None:
-            checks.check_scalar_on("restore_adam_step_", s, name, params)
+    checks.check_step_scalars("restore_adam_step_", params, lr_tensor, found_inf)
     checks.check_adam_steps(params, state_steps, found_inf)
     restore_(params, backups)
     # The reference may read the flag on the host; the compiled ops never do.

@@ -103,7 +103,5 @@ def precheck_adam_step(ps, gs, bs, hs, ms, vs, vmaxs, steps, lr, beta1, beta2, e
     op = "restore_adam_step_"
     fix_layouts(ps, gs)
     checks.adam_step_lists(ps, gs, bs, hs, ms, vs, vmaxs, amsgrad)
-    for name, scalar in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
-        if scalar is not None:
-            checks.check_scalar_on(op, scalar, name, ps)
+    checks.check_step_scalars(op, ps, lr_tensor, found_inf)
     checks.check_adam_steps(ps, steps, found_inf)

@@ -81,6 +81,4 @@ def precheck_sgd_step(ps, gs, bs, hs, bufs, lr, momentum, dampening, weight_deca
     checks.check_all_match(op, ps, "params", (gs, "grads"), (bs, "backups"),
                               *([(hs, "head_grads")] if hs else []),
                               *([(bufs, "momentum_buffers")] if bufs else []))
-    for name, scalar in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
-        if scalar is not None:
-            checks.check_scalar_on(op, scalar, name, ps)
+    checks.check_step_scalars(op, ps, lr_tensor, found_inf)

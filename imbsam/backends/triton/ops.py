@@ -121,9 +121,7 @@ def _restore_sgd_step_impl(params: List[Tensor], grads: List[Tensor], backups: L
 
     if not params:
         return
-    for name, s in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
-        if s is not None:
-            checks.check_scalar_on("restore_sgd_step_", s, name, params)
+    checks.check_step_scalars("restore_sgd_step_", params, lr_tensor, found_inf)
     device = params[0].device
     with tables.on_device(params[0]):
         plan = tables.plan_for(lists, validate)
@@ -154,9 +152,7 @@ def _restore_adam_step_impl(params: List[Tensor], grads: List[Tensor], backups: 
 
     if not params:
         return
-    for name, s in (("lr_tensor", lr_tensor), ("found_inf", found_inf)):
-        if s is not None:
-            checks.check_scalar_on("restore_adam_step_", s, name, params)
+    checks.check_step_scalars("restore_adam_step_", params, lr_tensor, found_inf)
     checks.check_adam_steps(params, state_steps, found_inf)
     device = params[0].device
     with tables.on_device(params[0]):
