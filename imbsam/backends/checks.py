@@ -183,6 +183,11 @@ def check_adam_steps(params: Sequence[Tensor], steps: Sequence[Tensor], found_in
     if not params:
         return
     device = steps[0].device
+    # The usual case in map()s (C-level loops, as check_list's): this runs on every call.
+    if (set(map(device_of, steps)) == {device} and set(map(dtype_of, steps)).issubset(_STEP_DTYPES)
+            and _layouts_strided(steps) and set(map(Tensor.numel, steps)) == {1}
+            and (device == params[0].device or (device.type == "cpu" and found_inf is None))):
+        return
     if device != params[0].device and device.type != "cpu":
         raise ValueError(f"imbsam.{op}: state_steps[0] is on {device} but the parameters are on "
                          f"{params[0].device}; the step counts must be on the parameters' device or on the CPU")

@@ -58,7 +58,10 @@ def fused_adam_calls(base: torch.optim.Optimizer, group, ps, gs, bs, hs, found_i
         if p not in state or not state[p]:  # .get-free: `in` does not add to the defaultdict
             state[p] = _new_state(p, group)
             created.append(p)
-    steps = [state[p]["step"] for p in ps]
+    # Each state list once per group; a call over a subset picks from them.
+    states = [state[p] for p in ps]
+    ms, vs, steps = ([s[k] for s in states] for k in ("exp_avg", "exp_avg_sq", "step"))
+    vmaxs = [s["max_exp_avg_sq"] for s in states] if amsgrad else []
     if found_inf is not None and steps[0].device != ps[0].device:
         if bool(found_inf != 0):
             return [([(ps, gs, True)], "restore_", (ps, bs))]
@@ -80,9 +83,8 @@ def fused_adam_calls(base: torch.optim.Optimizer, group, ps, gs, bs, hs, found_i
         pick = (lambda xs: xs) if idx is None else (lambda xs, idx=idx: [xs[j] for j in idx])
         sp, sg, sb = pick(ps), pick(gs), pick(bs)
         sh = pick(hs) if has_head else []
-        args = (sp, sg, sb, sh, [state[p]["exp_avg"] for p in sp], [state[p]["exp_avg_sq"] for p in sp],
-                [state[p]["max_exp_avg_sq"] for p in sp] if amsgrad else [], [state[p]["step"] for p in sp],
-                lr, beta1, beta2, group["eps"], group["weight_decay"], _decoupled(base, group), amsgrad,
+        args = (sp, sg, sb, sh, pick(ms), pick(vs), pick(vmaxs) if amsgrad else [], pick(steps), lr, beta1,
+                beta2, group["eps"], group["weight_decay"], _decoupled(base, group), amsgrad,
                 group.get("maximize", False), lr_tensor, found_inf)
         pairs = [(sp, sg, True), (sp, sh, False)] if has_head else [(sp, sg, True)]
         calls.append((pairs, "restore_adam_step_", args))
