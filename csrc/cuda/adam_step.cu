@@ -61,21 +61,11 @@ void restore_adam_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   if (params.empty()) return;
   const bool has_head = !head_grads.empty();
   const c10::cuda::CUDAGuard guard(params[0].device());
-  // The kernels read float32 scalars; other dtypes are converted on the device.
-  const at::Tensor lr_f = lr_tensor ? lr_tensor->to(at::kFloat) : at::Tensor();
-  const at::Tensor inf_f = found_inf ? found_inf->to(at::kFloat) : at::Tensor();
-  increment_steps(state_steps, inf_f);
+  const Float32Scalar lr_f(lr_tensor), inf_f(found_inf);
+  increment_steps(state_steps, inf_f.value);
   const at::Tensor coefs = bias_corrections(state_steps, params[0].device(), lr, lr_tensor, beta1, beta2);
-  const AdamArgs args{lr,
-                      beta1,
-                      beta2,
-                      eps,
-                      weight_decay,
-                      decoupled_weight_decay,
-                      amsgrad,
-                      maximize,
-                      lr_tensor ? lr_f.data_ptr<float>() : nullptr,
-                      found_inf ? inf_f.data_ptr<float>() : nullptr};
+  const AdamArgs args{lr,      beta1,    beta2,      eps,        weight_decay, decoupled_weight_decay,
+                      amsgrad, maximize, lr_f.ptr(), inf_f.ptr()};
   for (const auto& group : group_by_dtype(params)) {
     const std::vector<size_t>& idx = group.second;  // lambdas capture structured bindings only from C++20
     dispatch_float(group.first, [&](auto tag) {

@@ -1,5 +1,6 @@
 // Host-side helpers shared by the CUDA ops: grouping a call's tensors by dtype (one
-// launch sequence per storage type) and picking those groups' lists.
+// launch sequence per storage type), picking those groups' lists, and the fused steps'
+// device scalars.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,6 +8,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <optional>
 #include <vector>
 
 #include "../dtypes.h"
@@ -37,5 +39,13 @@ inline std::vector<std::vector<at::Tensor>> pick(std::initializer_list<at::Tenso
   }
   return out;
 }
+
+// A fused step's optional 0-d scalar (lr_tensor, found_inf) as the kernels read it: a
+// float32 copy on the device (other dtypes converted there), or none (a null pointer).
+struct Float32Scalar {
+  at::Tensor value;
+  explicit Float32Scalar(const std::optional<at::Tensor>& t) : value(t ? t->to(at::kFloat) : at::Tensor()) {}
+  const float* ptr() const { return value.defined() ? value.data_ptr<float>() : nullptr; }
+};
 
 }  // namespace imbsam::cuda

@@ -68,18 +68,9 @@ void restore_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   const bool has_momentum = momentum != 0.0;
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  // The kernels read float32 scalars; other dtypes are converted on the device.
-  const at::Tensor lr_f = lr_tensor ? lr_tensor->to(at::kFloat) : at::Tensor();
-  const at::Tensor inf_f = found_inf ? found_inf->to(at::kFloat) : at::Tensor();
-  const SgdArgs args{lr,
-                     momentum,
-                     dampening,
-                     weight_decay,
-                     nesterov,
-                     maximize,
-                     first_momentum_step,
-                     lr_tensor ? lr_f.data_ptr<float>() : nullptr,
-                     found_inf ? inf_f.data_ptr<float>() : nullptr};
+  const Float32Scalar lr_f(lr_tensor), inf_f(found_inf);
+  const SgdArgs args{lr,         momentum,   dampening, weight_decay, nesterov, maximize, first_momentum_step,
+                     lr_f.ptr(), inf_f.ptr()};
   for (const auto& group : group_by_dtype(params)) {
     const std::vector<size_t>& idx = group.second;  // lambdas capture structured bindings only from C++20
     dispatch_float(group.first, [&](auto tag) {
