@@ -63,19 +63,51 @@ def train_compiled(method: str, compile_backend):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("method,compile_backend", [("sam", "aot_eager"), ("sam", "inductor"), ("imbsam", "aot_eager")])
+@pytest.mark.parametrize("method,compile_backend", [("sam", "aot_eager"), ("sam", "inductor"), ("imbsam", "aot_eager"),
+                                                    ("imbsam", "retain-graph inductor")])
 def test_a_compiled_model_trains_as_the_eager_one(method, compile_backend):
     """torch.compile(model) under SAM's and ImbSAM's recipes, ImbSAM's two backward passes
-    through one forward included."""
+    through one forward included (on inductor through imbsam.retain_graph_backend)."""
+    if compile_backend == "retain-graph inductor":
+        compile_backend = imbsam.retain_graph_backend("inductor")
     assert max_err(train_compiled(method, compile_backend), train_compiled(method, None)) < 1e-5
 
 
 @pytest.mark.skipif(not hasattr(torch._functorch.config, "donated_buffer"), reason="torch < 2.5 donates no buffers")
-def test_inductor_refuses_imbsams_retained_graph_loudly():
-    """Inductor donates saved activations to the backward and then refuses ImbSAM's
-    retain_graph=True (torch's error, not a wrong gradient): docs/semantics.md says so.
-    With donation turned off (torch._functorch.config.donated_buffer = False) the tail
-    gradient from the retained graph was found wrong on this torch (2.14.1, CPU) under
-    torch.backends.cuda.matmul.allow_tf32 = False, so imbsam does not recommend that."""
+def test_plain_inductor_refuses_imbsams_retained_graph_loudly():
+    """Why retain_graph_backend exists: inductor donates saved activations to the backward
+    and then refuses ImbSAM's retain_graph=True (torch's error, not a wrong gradient)."""
     with pytest.raises(RuntimeError, match="donated buffers"):
         train_compiled("imbsam", "inductor")
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_retained_backward_through_a_compiled_graph_gives_eagers_gradients(backend):
+    """The head gradient (retain_graph=True), then the tail gradient through the same
+    compiled forward, each equal to eager's, over two batches (the second reuses the
+    compiled code)."""
+    from models import batches, small_cnn
+
+    split = imbsam.HeadTailLoss([100, 90, 80, 70, 60, 50, 40, 3, 2, 1])
+
+    def gradients(compile_backend):
+        model = small_cnn()
+        net = torch.compile(model, backend=compile_backend) if compile_backend else model
+        out = []
+        for x, y in batches(2, seed=4):
+            head, tail = split(net(x), y)
+            for loss, retain in ((head, True), (tail, False)):
+                loss.backward(retain_graph=retain)
+                out.append([p.grad.clone() for p in model.parameters()])
+                model.zero_grad(set_to_none=True)
+        return out
+
+    torch._dynamo.reset()
+    compiled, eager = gradients(imbsam.retain_graph_backend(backend)), gradients(None)
+    for got, want in zip(compiled, eager):
+        assert max_err(got, want) < 1e-6
+
+
+def test_retain_graph_backend_refuses_what_is_not_a_backend():
+    with pytest.raises(TypeError, match="backend name or callable"):
+        imbsam.retain_graph_backend(3)
