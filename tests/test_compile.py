@@ -2,6 +2,8 @@
 with fullgraph=True (no graph breaks) and gives the eager result."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch._functorch.config
@@ -46,8 +48,9 @@ def test_fullgraph_compile_matches_eager(backend, device, compile_backend):
         assert max_err(compiled[key], eager[key]) < 1e-6, key
 
 
-def train_compiled(method: str, compile_backend):
-    """Three steps of SAM or ImbSAM on a small BatchNorm CNN, compiled with ``compile_backend`` (None: eager)."""
+def train_compiled(method: str, compile_backend, whole_step: bool = False):
+    """Three steps of SAM or ImbSAM on a small BatchNorm CNN, the model (or with
+    ``whole_step`` the whole step function) compiled with ``compile_backend`` (None: eager)."""
     from imbsam.train.step import make_step
 
     from models import batches, small_cnn
@@ -56,8 +59,10 @@ def train_compiled(method: str, compile_backend):
     cls = imbsam.ImbSAM if method == "imbsam" else imbsam.SAM
     opt = cls(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     torch._dynamo.reset()
-    net = torch.compile(model, backend=compile_backend) if compile_backend else model
+    net = torch.compile(model, backend=compile_backend) if compile_backend and not whole_step else model
     step = make_step(method, net, opt, imbsam.HeadTailLoss([100, 90, 80, 70, 60, 50, 40, 3, 2, 1]))
+    if compile_backend and whole_step:
+        step = torch.compile(step, backend=compile_backend)
     for x, y in batches(3, seed=4):
         step(x, y)
     return [p.detach().clone() for p in model.parameters()]
@@ -71,6 +76,20 @@ def test_a_compiled_model_trains_as_the_eager_one(method, compile_backend):
     if compile_backend == "retain-graph inductor":
         compile_backend = imbsam.retain_graph_backend("inductor")
     assert max_err(train_compiled(method, compile_backend), train_compiled(method, None)) < 1e-5
+
+
+@pytest.mark.parametrize("method,compile_backend", [("sam", "aot_eager"), ("imbsam", "retain-graph inductor")])
+def test_a_compiled_whole_step_trains_as_the_eager_one(method, compile_backend):
+    """torch.compile of the whole step function (forward, backward, phases), with the graph
+    breaks torch makes at each backward and imbsam's engine makes at each phase."""
+    if compile_backend == "retain-graph inductor":
+        compile_backend = imbsam.retain_graph_backend("inductor")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = train_compiled(method, compile_backend, whole_step=True)
+    assert max_err(compiled, train_compiled(method, None)) < 1e-5
+    # Dynamo warns when it traces past a functools cache (the backend registry's, once).
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
 
 
 @pytest.mark.skipif(not hasattr(torch._functorch.config, "donated_buffer"), reason="torch < 2.5 donates no buffers")
