@@ -206,3 +206,16 @@ def test_table_of_finished_runs_and_their_comparison_plot(cifar_root, tmp_path, 
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="metrics.json is missing"):
         table.main([str(tmp_path / "never-ran")])
+
+
+def test_a_checkpoint_from_before_the_sync_bn_option_resumes_without_it(cifar_root, tmp_path):
+    out = str(tmp_path / "run")
+    main(args(cifar_root, out, "--opt", "sgd", "--max-epochs-this-run", "1"))
+    path = os.path.join(out, "checkpoint.pt")
+    ck = torch.load(path, weights_only=True)
+    del ck["args"]["sync_bn"]  # what runs saved before the option recorded
+    torch.save(ck, path)
+    with pytest.raises(SystemExit, match="sync_bn=True \\(checkpoint: False\\)"):
+        main(args(cifar_root, out, "--opt", "sgd", "--sync-bn", "--resume"))
+    metrics = main(args(cifar_root, out, "--opt", "sgd", "--resume"))
+    assert metrics["epochs"] == 2 and metrics["args"]["sync_bn"] is False

@@ -3,7 +3,8 @@ RANK / WORLD_SIZE / LOCAL_RANK) train as one process does on the same global bat
 only rank 0 writes, and a run split into two sessions resumes across the group.
 
 A model without BatchNorm: each rank normalises its share of a batch by its own
-statistics (SyncBatchNorm needs GPUs), which one process on the whole batch does not.
+statistics, which one process on the whole batch does not; ``--sync-bn`` would make them
+agree, but torch's SyncBatchNorm runs on GPUs only (here: its refusal and the conversion).
 """
 from __future__ import annotations
 
@@ -116,3 +117,36 @@ def test_torchrun_launches_the_trainer(cifar_root, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f)["world_size"] == 2
+
+
+def test_sync_bn_on_the_cpu_is_refused_before_the_group_is_joined(cifar_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="--sync-bn: torch's SyncBatchNorm runs on CUDA devices only, and this run "
+                                         "is on cpu"):
+        main(argv(cifar_root, str(out), "sgd", "--sync-bn"))
+    assert not out.exists() and not torch.distributed.is_initialized()
+
+
+def test_sync_bn_turns_batch_norm_into_sync_batch_norm_over_several_ranks_only():
+    from imbsam.train.distributed import Ranks
+    from imbsam.train.models import build_model
+
+    def model():
+        torch.manual_seed(0)
+        return build_model("resnet32", 10, 3)
+
+    plain = model()
+    params, keys = list(plain.parameters()), plain.state_dict().keys()
+    converted = run_module.normalised_over_ranks(plain, True, Ranks(rank=0, world=2))
+    kinds = {type(m) for m in converted.modules()}
+    assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
+    # An optimizer built on the parameters before or after holds the same tensors.
+    assert all(a is b for a, b in zip(converted.parameters(), params)) and len(list(converted.parameters())) == len(
+        params)
+    assert converted.state_dict().keys() == keys
+    for sync_bn, ranks in ((True, Ranks()), (False, Ranks(rank=0, world=2))):
+        kept = model()
+        assert run_module.normalised_over_ranks(kept, sync_bn, ranks) is kept
+        assert torch.nn.SyncBatchNorm not in {type(m) for m in kept.modules()}

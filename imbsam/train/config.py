@@ -14,7 +14,7 @@ PAPER_SEED = 9826
 
 # What runs recorded before an option existed used (their saved args lack it): the one
 # place a checkpoint's or a metrics file's arguments are completed (resume, seed tables).
-DEFAULTS_OF_OLDER_RUNS = {"lr_schedule": LR_SCHEDULE_OF_OLDER_RUNS, "perturbed_bn_stats": "update"}
+DEFAULTS_OF_OLDER_RUNS = {"lr_schedule": LR_SCHEDULE_OF_OLDER_RUNS, "perturbed_bn_stats": "update", "sync_bn": False}
 
 
 def as_recorded(args: dict) -> dict:
@@ -53,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--perturbed-bn-stats", default=PERTURBED_BN_STATS[0], choices=PERTURBED_BN_STATS,
                    help="whether SAM's and ImbSAM's forward at the perturbed weights updates BatchNorm's running "
                         "statistics (update: the paper's recipe) or leaves them as the first forward left them")
+    m.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun, normalise BatchNorm over the global batch (torch's SyncBatchNorm, CUDA "
+                        "only), as one process does; without it each rank normalises its own share")
     t = ap.add_argument_group("run")
     t.add_argument("--epochs", type=int, default=200)
     t.add_argument("--batch-size", type=int, default=64)

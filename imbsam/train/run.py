@@ -34,7 +34,7 @@ from imbsam.train.step import GraphedStep, make_step
 # Options that must match between a checkpoint and the run that resumes it.
 RESUME_KEYS = ("dataset", "imb_factor", "model", "opt", "rho", "eta", "tail_weight", "lr", "momentum",
                "weight_decay", "lr_schedule", "epochs", "batch_size", "seed", "amp", "cuda_graph",
-               "perturbed_bn_stats")
+               "perturbed_bn_stats", "sync_bn")
 
 
 class Log:
@@ -70,6 +70,14 @@ def build_optimizer(args, model, device):
     return cls(model.parameters(), torch.optim.SGD, rho=args.rho, backend=args.backend, **kw)
 
 
+def normalised_over_ranks(model: torch.nn.Module, sync_bn: bool, ranks) -> torch.nn.Module:
+    """With ``sync_bn`` under several ranks, the model's BatchNorm layers as SyncBatchNorm:
+    the same parameters and buffers in new layers, so the state_dict keys are unchanged."""
+    if not (sync_bn and ranks.distributed):
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def data_parallel(args, model, optimizer, ranks, device):
     """What the steps run: the model itself, or under torchrun the model in DDP with the
     optimizer synchronised with it (imbsam.sync_data_parallel)."""
@@ -95,6 +103,9 @@ def run(args: argparse.Namespace) -> dict | None:
         raise SystemExit(f"--batch-size {args.batch_size} is the global batch: it must be a multiple of the "
                          f"{ranks.world} ranks, each of which trains on an equal share")
     device = device_of_rank(ranks, resolve_device(args.device))
+    if args.sync_bn and ranks.distributed and device.type != "cuda":  # torch's SyncBatchNorm would fail mid-step
+        raise SystemExit(f"--sync-bn: torch's SyncBatchNorm runs on CUDA devices only, and this run is on {device}; "
+                         "without --sync-bn each rank's BatchNorm normalises its share of the batch")
     started_group = start(ranks, device)
     # On an error the process exits with it and the launcher stops the other ranks: a
     # barrier here could wait for ranks that will never come.
@@ -141,7 +152,8 @@ def _run(args: argparse.Namespace, started: float, ranks, device: torch.device) 
     split = imbsam.HeadTailLoss(counts, threshold=eta, tail_weight=args.tail_weight).to(device)
 
     torch.manual_seed(args.seed)
-    model = build_model(args.model, data.num_classes, data.channels).to(device)
+    model = normalised_over_ranks(build_model(args.model, data.num_classes, data.channels).to(device), args.sync_bn,
+                                  ranks)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(args, model, device)
