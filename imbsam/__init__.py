@@ -11,7 +11,7 @@ from imbsam import compat
 from imbsam.backends import available_backends, reference
 from imbsam.backends import compiled as ops
 from imbsam.batch_norm import frozen_running_stats
-from imbsam.compile_backend import retain_graph_backend
+from imbsam.compiling import compile_step, retain_graph_backend
 from imbsam.losses import HeadTailLoss, tail_class_mask
 from imbsam.optim import SAM, ImbSAM
 from imbsam.optim.data_parallel import sync_data_parallel
@@ -21,4 +21,4 @@ __version__ = "0.1.0"
 
 __all__ = ["SAM", "ImbSAM", "HeadTailLoss", "tail_class_mask", "available_backends", "compat", "ops", "reference",
            "sync_data_parallel", "use_grad_scaler",
-           "frozen_running_stats", "retain_graph_backend"]
+           "frozen_running_stats", "retain_graph_backend", "compile_step"]

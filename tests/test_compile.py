@@ -130,3 +130,49 @@ def test_retained_backward_through_a_compiled_graph_gives_eagers_gradients(backe
 def test_retain_graph_backend_refuses_what_is_not_a_backend():
     with pytest.raises(TypeError, match="backend name or callable"):
         imbsam.retain_graph_backend(3)
+
+
+TRACES_BACKWARD = hasattr(torch._dynamo.config, "trace_autograd_ops")
+
+
+@pytest.mark.skipif(not TRACES_BACKWARD, reason="this torch's dynamo cannot trace backward() into a graph")
+@pytest.mark.parametrize("method,base,backend,compile_backend", [
+    ("imbsam", "sgd", "cpp", "inductor"), ("sam", "adamw", "cpp", "aot_eager"),
+    ("imbsam", "adamw", "triton", "aot_eager")])
+def test_a_whole_fused_step_compiles_into_one_graph_and_trains_as_eager(method, base, backend, compile_backend):
+    """imbsam.compile_step: forward, ImbSAM's head/tail backward, the perturbed forward and
+    backward and every phase in one graph (fullgraph=True: any graph break would raise),
+    recompiled only once, when the optimizer's state first exists."""
+    from torch._dynamo.utils import counters
+
+    from imbsam.train.step import make_step
+
+    from models import batches, small_cnn
+
+    def make():
+        model = small_cnn()
+        base_cls, kw = (torch.optim.SGD, dict(lr=0.1, momentum=0.9)) if base == "sgd" else (torch.optim.AdamW,
+                                                                                            dict(lr=0.01))
+        cls = imbsam.ImbSAM if method == "imbsam" else imbsam.SAM
+        opt = cls(model.parameters(), base_cls, rho=0.05, backend=backend, **kw)
+        return model, opt, make_step(method, model, opt, imbsam.HeadTailLoss([100, 90, 80, 70, 60, 50, 40, 3, 2, 1]))
+
+    (model, opt, step), (eager_model, eager_opt, eager_step) = make(), make()
+    torch._dynamo.reset()
+    counters.clear()
+    step = imbsam.compile_step(step, backend=compile_backend)
+    for x, y in batches(4, seed=4):
+        loss, _ = step(x, y)
+        eager_loss, _ = eager_step(x, y)
+        assert abs(loss.item() - eager_loss.item()) < 1e-6
+    assert max_err(model.parameters(), eager_model.parameters()) < 1e-6
+    state = [t for p in model.parameters() for t in opt.state[p].values() if t.dim()]
+    eager_state = [t for p in eager_model.parameters() for t in eager_opt.state[p].values() if t.dim()]
+    assert len(state) == len(eager_state) > 0 and max_err(state, eager_state) < 1e-6
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
+def test_compile_step_names_a_torch_that_cannot_trace_backward(monkeypatch):
+    monkeypatch.delattr(torch._dynamo.config, "trace_autograd_ops", raising=False)
+    with pytest.raises(RuntimeError, match="cannot trace backward\\(\\) into a graph"):
+        imbsam.compile_step(lambda x: x)

@@ -115,9 +115,9 @@ def check_backend_name(backend: str) -> None:
                          f"available: {available_backends()}")
 
 
-# Run as Python under torch.compile (a graph break): dynamo would trace past the caches below
-# and warn that it ignores them; eager callers pay 0.3 us for the wrapper.
-@torch.compiler.disable
+# A constant to torch.compile, computed once when it traces (what is usable is fixed for a
+# process): dynamo neither traces the probes and caches below nor breaks the graph here.
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for tensors on ``device``; ``auto`` picks the fastest usable one."""
     if backend == "auto":

@@ -182,7 +182,7 @@ class SharpnessEngine:
         ops = self._ops(gathered, device)[1] if device is not None else None  # with the reference's checks
         for _, _, params, grads in gathered:
             # Refuse a sparse g_H here, as the other phases do, not at the step.
-            if any(layout is not torch.strided for layout in set(map(checks.layout_of, grads))):
+            if any(layout is not torch.strided for layout in set(checks.each("layout", grads))):
                 fix_layouts(params, grads)
         # Only its finiteness is used: a non-finite g_H skips the step, decided on the device
         # like g_T's. One read of g_H (4 bytes a parameter in fp32), while it is fresh.
@@ -196,7 +196,8 @@ class SharpnessEngine:
             if not params:
                 continue
             # A view may alias storage that the next backward writes (DDP buckets): copy it.
-            self.head_grads[index] = (list(map(id, params)), [g.clone() if g._is_view() else g for g in grads])
+            # (`_base`, not `_is_view()`: dynamo traces an attribute, not a call returning a bool.)
+            self.head_grads[index] = (list(map(id, params)), [g.clone() if g._base is not None else g for g in grads])
             for p in params:
                 p.grad = None
         self.phase = "head"

@@ -40,7 +40,7 @@ def gather(param_groups) -> tuple[list[tuple[int, dict, list[Tensor], list[Tenso
             device = device or params[0].device
             # One device for the whole optimizer, checked here for every backend before any
             # write: one group on another device used to be stepped with garbage norms.
-            if len(set(map(checks.device_of, params))) > 1 or params[0].device != device:
+            if len(set(checks.each("device", params))) > 1 or params[0].device != device:
                 other = next(p.device for p in params if p.device != device)
                 raise ValueError(f"imbsam: parameters are on more than one device ({device} and {other}); "
                                  "one optimizer handles the parameters of one device")

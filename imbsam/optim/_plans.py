@@ -34,10 +34,15 @@ class PlanCache:
     def plan(self, index: int, params: list[Tensor]) -> GroupPlan:
         """The plan of group ``index`` whose parameters with a gradient are ``params``."""
         ids = list(map(id, params))
+        plan = self.plans.get(index)
+        if torch.compiler.is_compiling():
+            # Dynamo cannot compare storage pointers; it guards on the metadata a backup must share.
+            if plan is None or plan.ids != ids or not all(map(_fits, plan.backups, params)):
+                plan = self.plans[index] = GroupPlan(params, ids, [-1] * len(params), [self.backup(p) for p in params])
+            return plan
         # The storage pointers tell whether a parameter's memory was replaced (model.to(),
         # model.half(), p.data = ...): then it needs a backup of its new dtype and size.
         ptrs = [p.data_ptr() for p in params]
-        plan = self.plans.get(index)
         if plan is None or plan.ids != ids or plan.ptrs != ptrs:
             plan = self.plans[index] = GroupPlan(params, ids, ptrs, [self.backup(p) for p in params])
         return plan
@@ -45,9 +50,20 @@ class PlanCache:
     def backup(self, p: Tensor) -> Tensor:
         # Kept across steps: one allocation per parameter, and fixed addresses for CUDA graphs.
         entry = self.backups.get(id(p))
-        ptr = p.data_ptr()
-        if entry is not None and entry[1] == ptr and entry[0].dtype == p.dtype:
-            return entry[0]
+        if torch.compiler.is_compiling():
+            if entry is not None and _fits(entry[0], p):
+                return entry[0]
+            ptr = -1  # not known while tracing: the next eager step checks this backup again
+        else:
+            ptr = p.data_ptr()
+            if entry is not None and entry[1] == ptr and entry[0].dtype == p.dtype:
+                return entry[0]
         b = torch.empty_like(p, memory_format=torch.preserve_format)
         self.backups[id(p)] = (b, ptr)
         return b
+
+
+def _fits(backup: Tensor, p: Tensor) -> bool:
+    """Whether ``backup`` can hold ``p``'s values for the ops (which refuse any mismatch)."""
+    return (backup.dtype == p.dtype and backup.device == p.device and backup.shape == p.shape
+            and backup.stride() == p.stride())

@@ -74,6 +74,19 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         optimizer's state is untouched. A no-op between steps."""
         self._engine.abandon()
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not torch.compiler.is_compiling():
+            return super().zero_grad(set_to_none)
+        # Dynamo does not trace torch's zero_grad (its profiler scope): the same, written out.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+
     def _after_base_step(self) -> None:
         # LR schedulers check that optimizer.step() ran before them; the phases are our step.
         self._opt_called = True

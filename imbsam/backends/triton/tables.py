@@ -104,7 +104,7 @@ def plan_for(lists: Sequence[Sequence[Tensor]], validate: Callable[[], None]) ->
     global _warned_capture_eviction
     key = (len(lists), *(tuple(map(Tensor.data_ptr, lst)) for lst in lists),
            *(tuple(map(Tensor.stride, lst)) for lst in lists),
-           tuple(map(checks.dtype_of, lists[0])), tuple(map(Tensor.size, lists[0])))
+           tuple(checks.each("dtype", lists[0])), tuple(map(Tensor.size, lists[0])))
     on_cuda = lists[0][0].is_cuda
     capturing = on_cuda and torch.cuda.is_current_stream_capturing()
     plan = PLANS.get(key)
@@ -139,7 +139,7 @@ class Plan:
     def __init__(self, groups: list, lists: Sequence[Sequence[Tensor]]):
         self.groups = groups
         self.n_chunks = sum(tab.n_chunks for _, _, tab in groups)
-        self.has_double = torch.float64 in set(map(checks.dtype_of, lists[0]))
+        self.has_double = torch.float64 in set(checks.each("dtype", lists[0]))
 
 
 def types_of(dtype: torch.dtype):

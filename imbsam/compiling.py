@@ -1,0 +1,88 @@
+"""torch.compile for SAM's and ImbSAM's recipes: a model whose graph ImbSAM's head backward
+keeps (``retain_graph_backend``), and a whole training step as one graph (``compile_step``).
+
+ImbSAM backpropagates twice through one forward: the head loss with
+``retain_graph=True``, then the tail loss. Inductor (torch >= 2.5) donates the tensors a
+compiled forward saves to its backward, which may then overwrite them, so it refuses any
+``retain_graph=True`` backward through such a graph (torch's "donated buffers" error).
+Whether a graph donates is decided when its forward is compiled, from
+``torch._functorch.config.donated_buffer``; ``retain_graph_backend`` compiles with that
+switch off, for its own graphs only, so the user changes no global setting. The backward
+then keeps the saved tensors as eager autograd does with ``retain_graph=True``; nothing
+else about the compiled code changes. SAM's recipe needs none of this (each backward
+follows its own forward): plain ``torch.compile(model)`` works there.
+
+A whole step (forwards, backwards, the optimizer's phases) is one graph when dynamo
+traces ``backward()`` into it, which it does only under
+``torch._dynamo.config.trace_autograd_ops`` (off by default); ``compile_step`` turns it on
+around its own calls. The phases trace when the step is fused (``torch.optim.SGD``,
+``Adam`` or ``AdamW`` on a backend with the fused base step): any other base optimizer's
+``step()`` breaks the graph, as every ``torch.optim`` step does by design.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, Union
+
+import torch
+import torch._dynamo
+import torch._functorch.config
+
+Backend = Callable[[torch.fx.GraphModule, list], Callable]
+
+
+def _no_donated_buffers():
+    # torch < 2.5 donates nothing and has no switch.
+    if not hasattr(torch._functorch.config, "donated_buffer"):
+        return contextlib.nullcontext()
+    return torch._functorch.config.patch(donated_buffer=False)
+
+
+def retain_graph_backend(backend: Union[str, Backend] = "inductor") -> Backend:
+    """``backend`` (a name ``torch.compile`` accepts, or a backend callable), compiling
+    graphs through which ``backward(retain_graph=True)`` may run:
+
+        model = torch.compile(model, backend=imbsam.retain_graph_backend())
+
+    ``mode=`` and ``options=`` of ``torch.compile`` go with its own inductor backend
+    only, so they are not available through this one."""
+    if isinstance(backend, str):
+        inner = torch._dynamo.lookup_backend(backend)
+    elif callable(backend):
+        inner = backend
+    else:
+        raise TypeError(f"backend must be a torch.compile backend name or callable, got {type(backend).__name__}")
+
+    def compile_keeping_saved_tensors(graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        # The forward is compiled here, and with it the choice of donated buffers (none);
+        # the backward, compiled lazily later, follows that choice.
+        with _no_donated_buffers():
+            return inner(graph, example_inputs)
+
+    return compile_keeping_saved_tensors
+
+
+def compile_step(step: Callable, backend: Union[str, Backend] = "inductor", fullgraph: bool = True,
+                 **compile_kwargs: Any) -> Callable:
+    """``step`` (a function that runs forwards, backwards and the optimizer's phases)
+    compiled by ``torch.compile(step, fullgraph=fullgraph, backend=backend, **compile_kwargs)``,
+    called with dynamo tracing ``backward()`` into the graph:
+
+        step = imbsam.compile_step(step)          # e.g. imbsam.train.step.make_step(...)
+
+    With ``fullgraph=True`` (the default) anything dynamo cannot put in the graph is an
+    error at the first call, not a silent graph break."""
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        raise RuntimeError(f"imbsam.compile_step: torch {torch.__version__} cannot trace backward() into a graph "
+                           "(torch._dynamo.config.trace_autograd_ops is missing); compile the model alone, or "
+                           "torch.compile(step) with graph breaks")
+    compiled = torch.compile(step, fullgraph=fullgraph, backend=backend, **compile_kwargs)
+
+    @functools.wraps(step)
+    def compiled_step(*args, **kwargs):
+        # At every call, not at torch.compile(): dynamo traces (and retraces) when called.
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return compiled(*args, **kwargs)
+
+    return compiled_step
