@@ -136,13 +136,15 @@ TRACES_BACKWARD = hasattr(torch._dynamo.config, "trace_autograd_ops")
 
 
 @pytest.mark.skipif(not TRACES_BACKWARD, reason="this torch's dynamo cannot trace backward() into a graph")
-@pytest.mark.parametrize("method,base,backend,compile_backend", [
-    ("imbsam", "sgd", "cpp", "inductor"), ("sam", "adamw", "cpp", "aot_eager"),
-    ("imbsam", "adamw", "triton", "aot_eager")])
-def test_a_whole_fused_step_compiles_into_one_graph_and_trains_as_eager(method, base, backend, compile_backend):
+@pytest.mark.parametrize("method,base,backend,compile_backend,bn_stats", [
+    ("imbsam", "sgd", "cpp", "inductor", "update"), ("sam", "adamw", "cpp", "aot_eager", "update"),
+    ("imbsam", "adamw", "triton", "aot_eager", "update"), ("imbsam", "sgd", "cpp", "aot_eager", "keep")])
+def test_a_whole_fused_step_compiles_into_one_graph_and_trains_as_eager(method, base, backend, compile_backend,
+                                                                        bn_stats):
     """imbsam.compile_step: forward, ImbSAM's head/tail backward, the perturbed forward and
     backward and every phase in one graph (fullgraph=True: any graph break would raise),
-    recompiled only once, when the optimizer's state first exists."""
+    recompiled only once, when the optimizer's state first exists; with BatchNorm's
+    statistics kept out of the perturbed forward too (frozen_running_stats in the graph)."""
     from torch._dynamo.utils import counters
 
     from imbsam.train.step import make_step
@@ -155,7 +157,8 @@ def test_a_whole_fused_step_compiles_into_one_graph_and_trains_as_eager(method, 
                                                                                             dict(lr=0.01))
         cls = imbsam.ImbSAM if method == "imbsam" else imbsam.SAM
         opt = cls(model.parameters(), base_cls, rho=0.05, backend=backend, **kw)
-        return model, opt, make_step(method, model, opt, imbsam.HeadTailLoss([100, 90, 80, 70, 60, 50, 40, 3, 2, 1]))
+        return model, opt, make_step(method, model, opt, imbsam.HeadTailLoss([100, 90, 80, 70, 60, 50, 40, 3, 2, 1]),
+                                     perturbed_bn_stats=bn_stats)
 
     (model, opt, step), (eager_model, eager_opt, eager_step) = make(), make()
     torch._dynamo.reset()
@@ -166,6 +169,7 @@ def test_a_whole_fused_step_compiles_into_one_graph_and_trains_as_eager(method, 
         eager_loss, _ = eager_step(x, y)
         assert abs(loss.item() - eager_loss.item()) < 1e-6
     assert max_err(model.parameters(), eager_model.parameters()) < 1e-6
+    assert max_err(model.buffers(), eager_model.buffers()) < 1e-6  # BatchNorm's running statistics
     state = [t for p in model.parameters() for t in opt.state[p].values() if t.dim()]
     eager_state = [t for p in eager_model.parameters() for t in eager_opt.state[p].values() if t.dim()]
     assert len(state) == len(eager_state) > 0 and max_err(state, eager_state) < 1e-6
