@@ -33,10 +33,19 @@ Backend = Callable[[torch.fx.GraphModule, list], Callable]
 
 
 def _no_donated_buffers():
-    # torch < 2.5 donates nothing and has no switch.
+    # torch < 2.5 donates nothing and has no switch. (AOT autograd's cache keys a graph with
+    # this setting, so a donating copy of it is never loaded in its place.)
     if not hasattr(torch._functorch.config, "donated_buffer"):
         return contextlib.nullcontext()
     return torch._functorch.config.patch(donated_buffer=False)
+
+
+# Inductor's FX graph cache keys a backward graph without its donated buffers (torch 2.14),
+# so the same graph compiled earlier to donate (plain inductor, in this or an earlier
+# process) would be loaded for ours and overwrite the saved tensors a retained backward
+# still reads: silently wrong gradients. Ours neither read nor write that cache; inductor
+# applies these patches to the lazily compiled backward too.
+_INDUCTOR_PATCHES = {"fx_graph_cache": False}
 
 
 def retain_graph_backend(backend: Union[str, Backend] = "inductor") -> Backend:
@@ -46,8 +55,12 @@ def retain_graph_backend(backend: Union[str, Backend] = "inductor") -> Backend:
         model = torch.compile(model, backend=imbsam.retain_graph_backend())
 
     ``mode=`` and ``options=`` of ``torch.compile`` go with its own inductor backend
-    only, so they are not available through this one."""
-    if isinstance(backend, str):
+    only, so they are not available through this one. Its graphs bypass inductor's
+    FX graph cache (see ``_INDUCTOR_PATCHES``), so they compile anew in every process; a callable
+    ``backend`` that compiles through inductor must turn its FX graph cache off itself."""
+    if backend == "inductor":
+        inner = functools.partial(torch._dynamo.lookup_backend("inductor"), config_patches=_INDUCTOR_PATCHES)
+    elif isinstance(backend, str):
         inner = torch._dynamo.lookup_backend(backend)
     elif callable(backend):
         inner = backend

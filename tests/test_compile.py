@@ -101,30 +101,51 @@ def test_plain_inductor_refuses_imbsams_retained_graph_loudly():
         train_compiled("imbsam", "inductor")
 
 
+def head_then_tail_gradients(compile_backend, retain: bool = True):
+    """Per batch (two), the head gradient with retain_graph=True, then the tail gradient
+    through the same forward; without ``retain``, the whole loss through a forward each
+    (SAM's pattern: nothing is returned)."""
+    from models import batches, small_cnn
+
+    split = imbsam.HeadTailLoss([100, 90, 80, 70, 60, 50, 40, 3, 2, 1])
+    model = small_cnn()
+    net = torch.compile(model, backend=compile_backend) if compile_backend else model
+    out = []
+    for x, y in batches(2, seed=4):
+        head, tail = split(net(x), y)
+        if not retain:
+            (head + tail).backward()
+            continue
+        for loss, keep in ((head, True), (tail, False)):
+            loss.backward(retain_graph=keep)
+            out.append([p.grad.clone() for p in model.parameters()])
+            model.zero_grad(set_to_none=True)
+    return out
+
+
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
 def test_retained_backward_through_a_compiled_graph_gives_eagers_gradients(backend):
     """The head gradient (retain_graph=True), then the tail gradient through the same
     compiled forward, each equal to eager's, over two batches (the second reuses the
     compiled code)."""
-    from models import batches, small_cnn
-
-    split = imbsam.HeadTailLoss([100, 90, 80, 70, 60, 50, 40, 3, 2, 1])
-
-    def gradients(compile_backend):
-        model = small_cnn()
-        net = torch.compile(model, backend=compile_backend) if compile_backend else model
-        out = []
-        for x, y in batches(2, seed=4):
-            head, tail = split(net(x), y)
-            for loss, retain in ((head, True), (tail, False)):
-                loss.backward(retain_graph=retain)
-                out.append([p.grad.clone() for p in model.parameters()])
-                model.zero_grad(set_to_none=True)
-        return out
-
     torch._dynamo.reset()
-    compiled, eager = gradients(imbsam.retain_graph_backend(backend)), gradients(None)
+    compiled, eager = head_then_tail_gradients(imbsam.retain_graph_backend(backend)), head_then_tail_gradients(None)
     for got, want in zip(compiled, eager):
+        assert max_err(got, want) < 1e-6
+
+
+@pytest.mark.skipif(not hasattr(torch._functorch.config, "donated_buffer"), reason="torch < 2.5 donates no buffers")
+def test_retain_graph_backend_ignores_the_same_graph_cached_with_donated_buffers(monkeypatch, tmp_path):
+    """The same forward compiled first by plain inductor (SAM's pattern: it donates its saved
+    tensors, and inductor caches its backward under a key that does not say so) must not
+    be what ImbSAM's retained backward then runs: that one overwrote saved tensors, and the
+    tail gradient came out 0.07 off, silently."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # the donating entry is this test's own
+    torch._dynamo.reset()
+    head_then_tail_gradients("inductor", retain=False)
+    torch._dynamo.reset()
+    compiled = head_then_tail_gradients(imbsam.retain_graph_backend("inductor"))
+    for got, want in zip(compiled, head_then_tail_gradients(None)):
         assert max_err(got, want) < 1e-6
 
 
