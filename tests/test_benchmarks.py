@@ -62,8 +62,17 @@ def test_ops(tmp_path):
 
 def test_python_overhead(tmp_path):
     records = run_benchmark(tmp_path, "bench_python_overhead.py", "--model", "resnet32", "--steps", "2")
-    assert {(r["method"], r["part"]) for r in records} == {(m, p) for m in ("sam", "imbsam") for p in ("step", "ops")}
+    assert {(r["method"], r["base"], r["part"]) for r in records} == {
+        (m, b, p) for m in ("sam", "imbsam") for b in ("sgd", "adamw") for p in ("step", "ops")}
     assert plot_results.plot_file(str(tmp_path / "records.json"), str(tmp_path)) is None
+
+
+def test_python_overhead_refuses_an_unknown_base(tmp_path):
+    script = os.path.join(ROOT, "benchmarks", "bench_python_overhead.py")
+    result = subprocess.run([sys.executable, script, "--bases", "sgd,adam", "--out", str(tmp_path / "r.json")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--bases: each of sgd, adamw, got 'sgd,adam'" in result.stderr
+    assert not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.skipif("triton" not in imbsam.available_backends(), reason="needs the triton backend")
@@ -72,7 +81,9 @@ def test_python_overhead_of_triton_with_stubbed_launches_beside_cpp(tmp_path):
                             "--rounds", "1", "--backends", "cpp,triton", "--stub-launches")
     assert {r["backend"] for r in records} == {"cpp", "triton"}
     triton = [r for r in records if r["backend"] == "triton"]
-    assert all(r["stub_launches"] and r["launches_per_step"] >= 3 for r in triton)  # norm, perturb, SGD step
+    # norm, perturb, the fused restore + SGD or AdamW step
+    assert all(r["stub_launches"] and r["launches_per_step"] >= 3 for r in triton)
+    assert {r["base"] for r in triton} == {"sgd", "adamw"}
 
 
 def test_train_iter(tmp_path):
