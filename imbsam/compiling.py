@@ -28,6 +28,7 @@ from typing import Any, Callable, Union
 import torch
 import torch._dynamo
 import torch._functorch.config
+import torch._guards
 
 Backend = Callable[[torch.fx.GraphModule, list], Callable]
 
@@ -38,6 +39,19 @@ def _no_donated_buffers():
     if not hasattr(torch._functorch.config, "donated_buffer"):
         return contextlib.nullcontext()
     return torch._functorch.config.patch(donated_buffer=False)
+
+
+def _say_nothing_is_donated() -> None:
+    """Records that the graph just compiled donates no buffer. Compiled with donation off,
+    its list of donated buffers is never computed (None); the check torch makes at every
+    retained backward (under the global switch, on) takes None for a non-empty list
+    unless a lazily compiled backward has replaced it, and a backward compiled together
+    with its forward (a graph recompiled for a new batch size, whose backward takes sizes)
+    never is: every retained backward through it was refused."""
+    context = torch._guards.TracingContext.try_get()
+    meta = getattr(context, "fw_metadata", None)
+    if meta is not None and getattr(meta, "bw_donated_idxs", []) is None:
+        meta.bw_donated_idxs = []
 
 
 # Inductor's FX graph cache keys a backward graph without its donated buffers (torch 2.14),
@@ -71,7 +85,9 @@ def retain_graph_backend(backend: Union[str, Backend] = "inductor") -> Backend:
         # The forward is compiled here, and with it the choice of donated buffers (none);
         # the backward, compiled lazily later, follows that choice.
         with _no_donated_buffers():
-            return inner(graph, example_inputs)
+            compiled = inner(graph, example_inputs)
+        _say_nothing_is_donated()
+        return compiled
 
     return compile_keeping_saved_tensors
 

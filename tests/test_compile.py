@@ -101,17 +101,19 @@ def test_plain_inductor_refuses_imbsams_retained_graph_loudly():
         train_compiled("imbsam", "inductor")
 
 
-def head_then_tail_gradients(compile_backend, retain: bool = True):
-    """Per batch (two), the head gradient with retain_graph=True, then the tail gradient
-    through the same forward; without ``retain``, the whole loss through a forward each
-    (SAM's pattern: nothing is returned)."""
+def head_then_tail_gradients(compile_backend, retain: bool = True, batch_sizes=None):
+    """Per batch (two of 16, or one of each of ``batch_sizes``), the head gradient with
+    retain_graph=True, then the tail gradient through the same forward; without
+    ``retain``, the whole loss through a forward each (SAM's pattern: nothing is returned)."""
     from models import batches, small_cnn
 
     split = imbsam.HeadTailLoss([100, 90, 80, 70, 60, 50, 40, 3, 2, 1])
     model = small_cnn()
     net = torch.compile(model, backend=compile_backend) if compile_backend else model
     out = []
-    for x, y in batches(2, seed=4):
+    data = batches(2, seed=4) if batch_sizes is None else [
+        batches(1, seed=4 + i, batch=n)[0] for i, n in enumerate(batch_sizes)]
+    for x, y in data:
         head, tail = split(net(x), y)
         if not retain:
             (head + tail).backward()
@@ -131,6 +133,18 @@ def test_retained_backward_through_a_compiled_graph_gives_eagers_gradients(backe
     torch._dynamo.reset()
     compiled, eager = head_then_tail_gradients(imbsam.retain_graph_backend(backend)), head_then_tail_gradients(None)
     for got, want in zip(compiled, eager):
+        assert max_err(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_retained_backward_through_a_graph_recompiled_for_another_batch_size(backend):
+    """A smaller batch (an epoch's last) recompiles the graph with the batch size symbolic,
+    and that backward is compiled with its forward, not lazily: torch then refused every
+    retained backward through it (its donated-buffers check read a list never computed)."""
+    torch._dynamo.reset()
+    sizes = (16, 5, 16, 7)
+    compiled = head_then_tail_gradients(imbsam.retain_graph_backend(backend), batch_sizes=sizes)
+    for got, want in zip(compiled, head_then_tail_gradients(None, batch_sizes=sizes)):
         assert max_err(got, want) < 1e-6
 
 
