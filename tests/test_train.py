@@ -219,3 +219,48 @@ def test_a_checkpoint_from_before_the_sync_bn_option_resumes_without_it(cifar_ro
         main(args(cifar_root, out, "--opt", "sgd", "--sync-bn", "--resume"))
     metrics = main(args(cifar_root, out, "--opt", "sgd", "--resume"))
     assert metrics["epochs"] == 2 and metrics["args"]["sync_bn"] is False
+
+
+@pytest.mark.parametrize("opt", ["sam", "imbsam"])
+def test_a_compiled_model_trains_as_the_eager_one(cifar_root, tmp_path, opt):
+    """--compile: the same weights and test accuracies as eager, the same checkpoint keys
+    (the model is saved, not its compiled wrapper), the option recorded. aot_eager, which
+    generates no code: inductor's own numerics are tests/test_compile.py's."""
+    eager, compiled = str(tmp_path / "eager"), str(tmp_path / "compiled")
+    # One epoch: its last, smaller batch recompiles the model with the batch size symbolic.
+    main(args(cifar_root, eager, "--opt", opt, "--epochs", "1"))
+    torch._dynamo.reset()
+    main(args(cifar_root, compiled, "--opt", opt, "--epochs", "1", "--compile", "aot_eager"))
+    a = torch.load(os.path.join(eager, "checkpoint.pt"), weights_only=False)
+    b = torch.load(os.path.join(compiled, "checkpoint.pt"), weights_only=False)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].double(), b["model"][k].double(), atol=1e-5), k
+    ma, mb = (json.load(open(os.path.join(out, "metrics.json"))) for out in (eager, compiled))
+    assert ma["per_class"] == mb["per_class"]
+    assert mb["args"]["compile"] == "aot_eager" and ma["args"]["compile"] is None
+
+
+def test_compile_gives_imbsam_the_retain_graph_backend(monkeypatch):
+    """ImbSAM's head backward runs with retain_graph=True, which plain inductor refuses;
+    SAM and SGD get the backend as named."""
+    from imbsam.train.run import compiled
+
+    seen = []
+
+    def compile_recorded(net, backend):
+        seen.append(getattr(backend, "__name__", backend))
+        return net
+
+    monkeypatch.setattr(torch, "compile", compile_recorded)
+    net = torch.nn.Linear(2, 2)
+    for opt in ("imbsam", "sam", "sgd", "imbsam"):
+        assert compiled(net, "inductor" if len(seen) < 3 else None, opt) is net
+    assert seen == ["compile_keeping_saved_tensors", "inductor", "inductor"]  # and nothing without a backend
+
+
+def test_compile_with_cuda_graph_is_refused_before_anything_is_written(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="--compile inductor: not together with --cuda-graph"):
+        main(args(cifar_root, str(out), "--opt", "imbsam", "--compile", "--cuda-graph"))
+    assert not out.exists()

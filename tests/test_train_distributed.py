@@ -150,3 +150,12 @@ def test_sync_bn_turns_batch_norm_into_sync_batch_norm_over_several_ranks_only()
         kept = model()
         assert run_module.normalised_over_ranks(kept, sync_bn, ranks) is kept
         assert torch.nn.SyncBatchNorm not in {type(m) for m in kept.modules()}
+
+
+def test_compile_under_several_ranks_is_refused_before_the_group_is_joined(cifar_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="--compile aot_eager: not together with 2 ranks"):
+        main(argv(cifar_root, str(out), "sam", "--compile", "aot_eager"))
+    assert not out.exists() and not torch.distributed.is_initialized()

@@ -11,6 +11,8 @@ from imbsam.train.schedule import DEFAULT_LR_SCHEDULE, LR_SCHEDULE_OF_OLDER_RUNS
 from imbsam.train.step import METHODS, PERTURBED_BN_STATS
 
 PAPER_SEED = 9826
+# --compile's backends: torch's default compiler, and its debugging one (no code generated).
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 # What runs recorded before an option existed used (their saved args lack it): the one
 # place a checkpoint's or a metrics file's arguments are completed (resume, seed tables).
@@ -68,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
                         "batch shapes are fixed, so timing them usually pays)")
     t.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole step in a CUDA graph (drops the last partial batch of each epoch)")
+    t.add_argument("--compile", nargs="?", const="inductor", default=None, choices=COMPILE_BACKENDS,
+                   help="torch.compile the model with this backend (--compile alone: inductor; ImbSAM's through "
+                        "imbsam.retain_graph_backend, for its two backward passes through one forward); the first "
+                        "steps take longer. Not with --cuda-graph, nor under torchrun")
     t.add_argument("--eval-every", type=int, default=1, help="test every N epochs (and always after the last)")
     t.add_argument("--out", default="runs/train", help="output folder: checkpoint, metrics, plots, log")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

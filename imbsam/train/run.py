@@ -89,6 +89,15 @@ def data_parallel(args, model, optimizer, ranks, device):
     return net
 
 
+def compiled(net: torch.nn.Module, backend: str | None, opt: str) -> torch.nn.Module:
+    """What the steps run, compiled with ``backend`` when one is given. ImbSAM backpropagates
+    twice through one forward, which inductor refuses without imbsam.retain_graph_backend.
+    The model itself is what is saved and tested (its state_dict keys are unchanged)."""
+    if backend is None:
+        return net
+    return torch.compile(net, backend=imbsam.retain_graph_backend(backend) if opt == "imbsam" else backend)
+
+
 def current_lr(optimizer) -> float:
     lr = optimizer.param_groups[0]["lr"]
     return float(lr)
@@ -106,6 +115,10 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.sync_bn and ranks.distributed and device.type != "cuda":  # torch's SyncBatchNorm would fail mid-step
         raise SystemExit(f"--sync-bn: torch's SyncBatchNorm runs on CUDA devices only, and this run is on {device}; "
                          "without --sync-bn each rank's BatchNorm normalises its share of the batch")
+    if args.compile and (args.cuda_graph or ranks.distributed):  # neither combination has run yet
+        raise SystemExit(f"--compile {args.compile}: not together with "
+                         f"{'--cuda-graph' if args.cuda_graph else f'{ranks.world} ranks'} (not tested); "
+                         "use one or the other")
     started_group = start(ranks, device)
     # On an error the process exits with it and the launcher stops the other ranks: a
     # barrier here could wait for ranks that will never come.
@@ -157,7 +170,7 @@ def _run(args: argparse.Namespace, started: float, ranks, device: torch.device) 
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(args, model, device)
-    net = data_parallel(args, model, optimizer, ranks, device)
+    net = compiled(data_parallel(args, model, optimizer, ranks, device), args.compile, args.opt)
     scheduler = cosine_schedule(optimizer, args.epochs, args.lr_schedule)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     train_loader = DeviceLoader(data.train_x, data.train_y, args.batch_size, data.mean, data.std, device, train=True,
@@ -193,7 +206,8 @@ def _run(args: argparse.Namespace, started: float, ranks, device: torch.device) 
         f"({counts[0]} ... {counts[-1]}), {len(data.test_y)} test images; tail classes (n < {eta:g}): "
         f"{int(split.tail_classes.sum())}; {args.model} ({n_params / 1e6:.2f} M parameters) on {device}; "
         f"{args.opt} (backend {backend}), {args.epochs} epochs (cosine lr, {args.lr_schedule}'s order), "
-        f"batch {args.batch_size}" + (f" over {ranks.world} ranks" if ranks.distributed else ""))
+        f"batch {args.batch_size}" + (f" over {ranks.world} ranks" if ranks.distributed else "")
+        + (f"; the model compiled with {args.compile} (its first steps compile)" if args.compile else ""))
 
     stop_after = None if args.max_epochs_this_run is None else start_epoch + args.max_epochs_this_run
     slowest_epoch_s = 0.0
