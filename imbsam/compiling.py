@@ -43,11 +43,11 @@ def _no_donated_buffers():
 
 def _say_nothing_is_donated() -> None:
     """Records that the graph just compiled donates no buffer. Compiled with donation off,
-    its list of donated buffers is never computed (None); the check torch makes at every
-    retained backward (under the global switch, on) takes None for a non-empty list
-    unless a lazily compiled backward has replaced it, and a backward compiled together
-    with its forward (a graph recompiled for a new batch size, whose backward takes sizes)
-    never is: every retained backward through it was refused."""
+    its list of donated buffers is left uncomputed (None), and torch's check at every
+    retained backward reads None as a non-empty list unless a lazily compiled backward
+    has set it to []. A backward compiled with its forward (a graph recompiled for another
+    batch size, whose backward takes sizes) never does: every retained backward through
+    it was refused."""
     context = torch._guards.TracingContext.try_get()
     meta = getattr(context, "fw_metadata", None)
     if meta is not None and getattr(meta, "bw_donated_idxs", []) is None:
