@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -118,7 +119,9 @@ def test_lr_scheduler_drives_the_base_step(backend):
     before = [p.clone() for p in model.parameters()]
     sam_step(model, opt, x, y)
     assert max_err(model.parameters(), before) > 0
-    sched.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "lr_scheduler.step() before optimizer.step()"
+        sched.step()
     assert opt.base_optimizer.param_groups[0]["lr"] == 0.0
     before = [p.clone() for p in model.parameters()]
     sam_step(model, opt, x, y)  # lr 0: the perturbation is undone and the step moves nothing

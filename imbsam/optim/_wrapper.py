@@ -23,6 +23,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, base_optimizer, rho: float, adaptive: bool, adaptive_eta: float, backend: str,
                  **kwargs):
+        self._stepped = {"opt_called": False}
         check_rho(rho)
         check_adaptive(adaptive)
         check_adaptive_eta(adaptive_eta)
@@ -87,9 +88,20 @@ class SharpnessOptimizer(torch.optim.Optimizer):
                 else:
                     p.grad.detach_().zero_()
 
+    # LR schedulers check that optimizer.step() ran before their first step, reading
+    # ``_opt_called`` (which their wrapper of step() sets); the phases are our step. The flag
+    # lives in a dict: a compiled phase may change a dict's item, while dynamo (torch 2.11)
+    # refuses to set an attribute of an optimizer.
+    @property
+    def _opt_called(self) -> bool:
+        return self._stepped["opt_called"]
+
+    @_opt_called.setter
+    def _opt_called(self, value: bool) -> None:
+        self._stepped["opt_called"] = value
+
     def _after_base_step(self) -> None:
-        # LR schedulers check that optimizer.step() ran before them; the phases are our step.
-        self._opt_called = True
+        self._stepped["opt_called"] = True
 
     # Inside step(closure): torch.optim's wrapper of step() has fired the step hooks already.
     _in_step = False
@@ -123,6 +135,7 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         return {"defaults": self.defaults, "base_optimizer": self.base_optimizer, "engine": self._engine.settings()}
 
     def __setstate__(self, state) -> None:
+        self._stepped = {"opt_called": False}
         self.base_optimizer = state["base_optimizer"]
         super().__setstate__({"defaults": state["defaults"]})  # torch.optim's own bookkeeping (hooks)
         self._share_base()
