@@ -88,7 +88,7 @@ def main(argv=None):
         step()  # the base optimizer's state exists from here on (the ops below take Adam's)
         backend = opt.backend_for(device)
         stubbed = args.stub_launches and backend == "triton"
-        ops_only = ops_only_step(imbsam.backends.ops_for(backend), opt, base, base_kw, params, grads,
+        ops_only = ops_only_step(imbsam.backends.ops_for(backend), opt, base, params, grads,
                                  grads if method == "imbsam" else [])
         for part, fn in (("step", step), ("ops", ops_only)):
             configs.append((method, base, part, backend, stubbed, fn))
@@ -114,9 +114,10 @@ def main(argv=None):
     write_records(args.out, records)
 
 
-def ops_only_step(ops, opt, base: str, base_kw: dict, params, grads, heads):
-    """The step's op calls alone, on the optimizer's own state, as its engine makes them:
-    what the engine's Python adds is the difference to the whole step."""
+def ops_only_step(ops, opt, base: str, params, grads, heads):
+    """The step's op calls alone, on the optimizer's own state and hyperparameters, as its
+    engine makes them: what the engine's Python adds is the difference to the whole step."""
+    group = opt.param_groups[0]
     backups = [torch.zeros_like(p) for p in params]
 
     def norm_and_perturb():
@@ -129,8 +130,9 @@ def ops_only_step(ops, opt, base: str, base_kw: dict, params, grads, heads):
 
         def sgd_ops():
             norm = norm_and_perturb()
-            ops.restore_sgd_step_(params, grads, backups, heads, bufs, base_kw["lr"], base_kw["momentum"], 0.0,
-                                  base_kw["weight_decay"], False, False, False, None, norm - norm)
+            ops.restore_sgd_step_(params, grads, backups, heads, bufs, group["lr"], group["momentum"],
+                                  group["dampening"], group["weight_decay"], group["nesterov"], group["maximize"],
+                                  False, None, norm - norm)
         return torch.no_grad()(sgd_ops)  # as the engine runs them
     state = [opt.state[p] for p in params]
     ms, vs, steps = ([s[k] for s in state] for k in ("exp_avg", "exp_avg_sq", "step"))
@@ -143,8 +145,9 @@ def ops_only_step(ops, opt, base: str, base_kw: dict, params, grads, heads):
         found_inf = norm - norm
         if not on_device:
             bool(found_inf != 0)
-        ops.restore_adam_step_(params, grads, backups, heads, ms, vs, [], steps, base_kw["lr"], 0.9, 0.999, 1e-8,
-                               base_kw["weight_decay"], True, False, False, None, found_inf if on_device else None)
+        ops.restore_adam_step_(params, grads, backups, heads, ms, vs, [], steps, group["lr"], *group["betas"],
+                               group["eps"], group["weight_decay"], True, group["amsgrad"], group["maximize"], None,
+                               found_inf if on_device else None)
     return torch.no_grad()(adamw_ops)
 
 
@@ -152,7 +155,7 @@ def print_ratios(records) -> None:
     """Each backend's host time per method, base and part against the first backend's, from this run."""
     first = {}
     for r in records:
-        key = (r["method"], r.get("base", "sgd"), r["part"])
+        key = (r["method"], r["base"], r["part"])
         if key not in first:
             first[key] = r
         elif r["backend"] != first[key]["backend"]:
