@@ -1,6 +1,7 @@
 """Gradient accumulation through the phase API: k micro-batches whose losses are scaled
 by 1/k, accumulated into .grad before each phase, take the step one whole batch takes;
-so does ImbSAM's recipe that frees each micro-batch's graph (docs/semantics.md's).
+so does ImbSAM's recipe that frees each micro-batch's graph (docs/semantics.md's), and the
+one it gave before (swapped .grad buffers). The recipes: accumulation_recipes.py.
 
 The model has no BatchNorm, whose batch statistics would differ between a micro-batch
 and the whole batch; the sums differ only in their order, so the match is to rounding.
@@ -9,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import imbsam
 from imbsam.train.step import make_step
 
 import models
+from accumulation_recipes import RECIPES
 from models import batches
 
 COUNTS = [500, 400, 300, 200, 150, 100, 60, 15, 10, 5]  # tail: classes 7, 8, 9
@@ -29,79 +30,23 @@ def cnn_without_batchnorm(seed=0):
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10)).to(models.DEVICE)
 
 
-def sam_accumulated(model, opt, x, y, split=None):
-    for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
-        (F.cross_entropy(model(xs), ys) / MICRO).backward()
-    opt.first_step()
-    for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
-        (F.cross_entropy(model(xs), ys) / MICRO).backward()
-    opt.second_step()
-
-
-def imbsam_accumulated(model, opt, x, y, split):
-    # Every micro-batch's head gradient is in .grad before first_step sets them aside,
-    # so each forward's graph is kept until its tail backward.
-    tails = []
-    for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
-        head, tail = split(model(xs), ys)
-        (head / MICRO).backward(retain_graph=True)
-        tails.append(tail / MICRO)
-    opt.first_step()
-    for tail in tails:
-        tail.backward()
-    opt.second_step()
-    for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
-        (split(model(xs), ys)[1] / MICRO).backward()
-    opt.third_step()
-
-
-def swap_grads(params, other):
-    for i, p in enumerate(params):
-        p.grad, other[i] = other[i], p.grad
-
-
-def imbsam_accumulated_graph_by_graph(model, opt, x, y, split):
-    # docs/semantics.md's recipe: each micro-batch's graph is freed at once. Its tail gradient
-    # accumulates in buffers of its own (swapped in as .grad for that backward), its head
-    # gradient in .grad; after first_step has set .grad aside, the tail sums become .grad.
-    params = [p for p in model.parameters() if p.requires_grad]
-    tail_grads = [None] * len(params)
-    for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
-        head, tail = split(model(xs), ys)
-        swap_grads(params, tail_grads)
-        (tail / MICRO).backward(retain_graph=True)
-        swap_grads(params, tail_grads)
-        (head / MICRO).backward()
-    opt.first_step()
-    swap_grads(params, tail_grads)
-    opt.second_step()
-    for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
-        (split(model(xs), ys)[1] / MICRO).backward()
-    opt.third_step()
-
-
-# kind -> (the optimizer it steps, how it accumulates)
-ACCUMULATE = {"sam": ("sam", sam_accumulated), "imbsam": ("imbsam", imbsam_accumulated),
-              "imbsam-graph-by-graph": ("imbsam", imbsam_accumulated_graph_by_graph)}
-
-
 def run(kind, backend, accumulate):
     model = cnn_without_batchnorm()
     split = imbsam.HeadTailLoss(COUNTS)
-    method, accumulated = ACCUMULATE[kind]
+    method, accumulated = RECIPES[kind]
     cls = imbsam.ImbSAM if method == "imbsam" else imbsam.SAM
     opt = cls(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, **SGD_KW)
     whole_batch = make_step(method, model, opt, split)  # the training loop's own step
     for x, y in batches(4):
         if accumulate:
-            accumulated(model, opt, x, y, split)
+            accumulated(model, [p for p in model.parameters() if p.requires_grad], opt, split, x, y, MICRO)
         else:
             whole_batch(x, y)
     return model
 
 
 @pytest.mark.parametrize("backend", imbsam.available_backends())
-@pytest.mark.parametrize("kind", list(ACCUMULATE))
+@pytest.mark.parametrize("kind", list(RECIPES))
 def test_accumulated_micro_batches_take_the_whole_batch_step(backend, kind):
     a = run(kind, backend, accumulate=False)
     b = run(kind, backend, accumulate=True)

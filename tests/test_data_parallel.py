@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import imbsam
 from imbsam.train.step import make_step
 
+from accumulation_recipes import RECIPES
 from ranks import COUNTS, KW, STEPS, WORLD, batches, mlp, needs_gloo, run_ranks
 
 BACKENDS = [b for b in ("reference", "cpp") if b in imbsam.available_backends()]
@@ -38,10 +39,16 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1, how: str = "on
     the m-sharpness step written by hand (a phase hook averages every phase but the
     perturbation's, without DDP)."""
     model = mlp()
-    net = DDP(model, gradient_as_bucket_view=how == "ddp bucket views") if how.startswith("ddp") else model
+    net = DDP(model, gradient_as_bucket_view=how.startswith("ddp bucket views")) if how.startswith("ddp") else model
     opt = optimizer(kind, net, backend)
-    if how in ("ddp", "ddp bucket views", "ddp local", "ddp no_sync") and kind != "sgd":
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if how in SCALED else None
+    if how == "ddp scaler before sync":
+        imbsam.use_grad_scaler(opt, scaler)
+    if (how in ("ddp", "ddp bucket views", "ddp local", "ddp no_sync", "ddp scaler before sync", "ddp scaler after sync")
+            or how in ACCUMULATING) and kind != "sgd":
         imbsam.sync_data_parallel(opt, net, perturbation="local" if how == "ddp local" else "global")
+    if how in ("ddp scaler after sync", "one process scaler"):
+        imbsam.use_grad_scaler(opt, scaler)
     if how == "hook local":
         def average_but_perturb(phase, params, grads):
             if phase != "perturb":
@@ -49,7 +56,13 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1, how: str = "on
                     dist.all_reduce(g)
                     g.div_(world)
         opt.register_phase_hook(average_but_perturb)
-    step = make_step({"asam": "sam", "compat imbsam": "imbsam"}.get(kind, kind), net, opt, imbsam.HeadTailLoss(COUNTS))
+    split = imbsam.HeadTailLoss(COUNTS)
+    step = make_step({"asam": "sam", "compat imbsam": "imbsam"}.get(kind, kind), net, opt, split)
+    if how in ACCUMULATING:  # the whole (per-rank) batch as two micro-batches, by a user's recipe
+        recipe = RECIPES[ACCUMULATING[how]][1]
+
+        def step(x, y):
+            recipe(net, list(model.parameters()), opt, split, x, y, 2)
     if how == "ddp no_sync":  # gradient accumulation: two micro-batches, DDP told not to sync either
         def step(x, y):
             for phase in (opt.first_step, opt.second_step):
@@ -57,14 +70,38 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1, how: str = "on
                     with net.no_sync():
                         (torch.nn.functional.cross_entropy(net(xs), ys) / 2).backward()
                 phase(zero_grad=True)
+    if scaler is not None:  # ImbSAM's phases with scaled losses; the second step's tail gradient
+        def step(x, y):  # overflows on the last rank only: the one imbsam, not DDP, averages
+            head, tail = split(net(x), y)
+            scaler.scale(head).backward(retain_graph=True)
+            opt.first_step()
+            scaler.scale(tail * (float("inf") if len(steps_taken) == 1 and rank == world - 1 else 1.0)).backward()
+            opt.second_step()
+            scaler.scale(split(net(x), y)[1]).backward()
+            opt.third_step()
+            scaler.update()
+            steps_taken.append(1)
+    steps_taken = []
     for x, y in batches():
         step(x[rank::world], y[rank::world])  # each rank's mean loss; their average is the whole batch's
     base = opt if kind == "sgd" else opt.optimizer if kind == "compat imbsam" else opt.base_optimizer
     return dict(params=[p.detach().clone() for p in model.parameters()],
-                buffers=[base.state[p]["momentum_buffer"].clone() for p in model.parameters()])
+                buffers=[base.state[p]["momentum_buffer"].clone() for p in model.parameters()],
+                scale=None if scaler is None else scaler.get_scale())
 
+
+# how -> the accumulation recipe (accumulation_recipes.py) each rank runs with 2 micro-batches.
+ACCUMULATING = {"ddp accumulate sam": "sam", "ddp accumulate imbsam keeping graphs": "imbsam",
+                "ddp accumulate imbsam graph by graph": "imbsam-graph-by-graph",
+                "ddp bucket views accumulate imbsam graph by graph": "imbsam-graph-by-graph",
+                "ddp accumulate imbsam swapping grads": "imbsam-swapping-grads"}
+
+# With use_grad_scaler registered before or after sync_data_parallel; "one process scaler" is the reference.
+SCALED = ("ddp scaler before sync", "ddp scaler after sync", "one process scaler")
 
 CONFIGS = ([(kind, backend, "ddp") for kind in KINDS for backend in BACKENDS]
+           + [("imbsam", BACKENDS[-1], how) for how in SCALED[:2]]
+           + [(RECIPES[recipe][0], BACKENDS[-1], how) for how, recipe in ACCUMULATING.items()]
            + [("imbsam", BACKENDS[-1], how) for how in ("ddp alone", "ddp bucket views")]
            + [("sam", BACKENDS[-1], "ddp no_sync")]
            + [(kind, BACKENDS[-1], how) for kind in ("sam", "imbsam") for how in ("ddp local", "hook local")])
@@ -114,6 +151,39 @@ def test_ddp_with_sync_takes_the_whole_batch_step(ranks, kind, backend):
     # The fewest collectives: DDP averaged SAM's two backward passes and ImbSAM's head and
     # perturbed ones; imbsam all-reduces only ImbSAM's tail gradient, once a step.
     assert ranks[0][config]["all_reduces"] == (STEPS if kind.endswith("imbsam") else 0)
+
+
+@needs_gloo
+@pytest.mark.parametrize("how", list(ACCUMULATING))
+def test_ddp_with_sync_and_accumulation_takes_the_whole_batch_step(ranks, how):
+    """A recipe of docs/semantics.md under DDP: ImbSAM's graph-by-graph one backpropagates the
+    tail first after each forward, so DDP averages the tail's backward and not the head's,
+    and imbsam must average the head gradient (it did not before 2026-12-04: the ranks
+    ended 0.2 apart)."""
+    kind = RECIPES[ACCUMULATING[how]][0]
+    config = (kind, BACKENDS[-1], how)
+    for a, b in zip(ranks[0][config]["params"], ranks[1][config]["params"]):
+        assert torch.equal(a, b)
+    want = train(kind, BACKENDS[-1])
+    assert_close(ranks[0][config]["params"], want["params"])
+    assert_close(ranks[0][config]["buffers"], want["buffers"])
+    # One all-reduce a step, by imbsam, for ImbSAM (the tail's or, graph by graph, the head's).
+    assert ranks[0][config]["all_reduces"] == (STEPS if kind == "imbsam" else 0)
+
+
+@needs_gloo
+@pytest.mark.parametrize("how", SCALED[:2])
+def test_a_scaler_checks_gradients_averaged_over_the_ranks_whichever_helper_came_first(ranks, how):
+    """An overflow on one rank skips the step on every rank, as one process skips it. With
+    use_grad_scaler registered first, each rank used to check its own gradients: the ranks
+    diverged (3e-2) and their scales differed (256 vs 128)."""
+    config = ("imbsam", BACKENDS[-1], how)
+    want = train("imbsam", BACKENDS[-1], how="one process scaler")
+    assert ranks[0][config]["scale"] == ranks[1][config]["scale"] == want["scale"] == 2.0 ** 11  # one step skipped
+    for a, b in zip(ranks[0][config]["params"], ranks[1][config]["params"]):
+        assert torch.equal(a, b)
+    assert_close(ranks[0][config]["params"], want["params"])
+    assert_close(ranks[0][config]["buffers"], want["buffers"])
 
 
 @needs_gloo

@@ -35,13 +35,14 @@ def setup(kind: str, backend: str, scaler=None, base=torch.optim.SGD):
     return model, opt
 
 
-def one_step(kind, model, opt, x, y, scale=lambda loss: loss, overflow_in=None):
+def one_step(kind, model, opt, x, y, scale=lambda loss: loss, overflow_in=None, before=lambda phase: None):
     """One step through the phases, each loss scaled by ``scale``; the backward before
-    phase ``overflow_in`` gets an infinite gradient."""
+    phase ``overflow_in`` gets an infinite gradient; ``before(phase)`` runs after it."""
     def backward(loss, phase, **kw):
         if phase == overflow_in:
             loss = loss * float("inf")
         scale(loss).backward(**kw)
+        before(phase)
 
     if kind == "imbsam":
         split = imbsam.HeadTailLoss(COUNTS)
@@ -160,4 +161,115 @@ def test_a_step_without_scaler_update_before_it_is_refused_before_it_writes():
     with pytest.raises(RuntimeError, match="since the last update"):
         opt.second_step(zero_grad=True)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), perturbed))  # still at w + e
+    opt.abandon_step()
+
+
+def closure_step(kind, model, opt, x, y, scale=lambda loss: loss):
+    """One step through ``step(closure)``: ImbSAM's closure returns its losses (the optimizer
+    scales them); SAM's calls backward on ``scale(loss)`` itself."""
+    split = imbsam.HeadTailLoss(COUNTS)
+
+    def closure():
+        if kind == "imbsam":
+            return split(model(x), y)
+        loss = F.cross_entropy(model(x), y)
+        scale(loss).backward()
+        return loss
+    loss = opt.step(closure)
+    opt.zero_grad()  # step(closure) leaves the last gradient in .grad, as torch.optim's do
+    return loss
+
+
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_step_with_a_closure_and_a_scaler_is_the_unscaled_step(kind):
+    """ImbSAM.step(closure) used to backpropagate unscaled losses that the phases then divided
+    by the scale (65536): the weights moved 1e-7 instead of 1e-2."""
+    plain = setup(kind, BACKENDS[-1])
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000)
+    scaled = setup(kind, BACKENDS[-1], scaler)
+    start = state(*plain)[0]
+    for x, y in batches():
+        closure_step(kind, *plain, x, y)
+        closure_step(kind, *scaled, x, y, scale=scaler.scale)
+        scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(state(*plain)[0], state(*scaled)[0]))
+    assert max((p - q).abs().max().item() for p, q in zip(state(*plain)[0], start)) > 1e-3
+
+
+def test_a_sam_closure_that_does_not_scale_its_loss_is_refused_before_it_writes():
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    model, opt = setup("sam", BACKENDS[-1], scaler)
+    (x, y), = batches(1)
+    before = state(model, opt)
+    with pytest.raises(RuntimeError, match=r"no loss was scaled by the scaler.*scaler.scale\(loss\).backward\(\)"):
+        closure_step("sam", model, opt, x, y)  # loss.backward(), not scaler.scale(loss).backward()
+    assert all(torch.equal(p, q) for a, b in zip(before, state(model, opt)) for p, q in zip(a, b))
+    assert opt._engine.phase == "idle"
+
+
+@pytest.mark.parametrize("kind,phase", [(k, p) for k in PHASES for p in PHASES[k]])
+def test_the_users_own_unscale_before_a_phase_is_not_repeated(kind, phase):
+    """scaler.unscale_(optimizer) before a phase (to clip, say) used to leave that phase to
+    unscale again (g_H 2e-3 off in one step); its inf check joins the step's."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, backoff_factor=0.5, growth_interval=1000)
+    model, opt = setup(kind, BACKENDS[-1], scaler)
+    plain = setup(kind, BACKENDS[-1])
+
+    def unscale(ph):
+        if ph == phase:
+            scaler.unscale_(opt)
+    for x, y in batches():
+        one_step(kind, model, opt, x, y, scale=scaler.scale, before=unscale)
+        one_step(kind, *plain, x, y)
+        scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(state(model, opt)[0], state(*plain)[0]))
+    # An overflow that only the user's unscale_ checked still skips the step and backs off.
+    (x, y), = batches(1)
+    before = state(model, opt)
+    one_step(kind, model, opt, x, y, scale=scaler.scale, overflow_in=phase, before=unscale)
+    assert all(torch.equal(p, q) for a, b in zip(before, state(model, opt)) for p, q in zip(a, b))
+    scaler.update()
+    assert scaler.get_scale() == SCALE / 2
+
+
+def test_use_grad_scaler_twice_on_one_optimizer_is_refused():
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    model, opt = setup("imbsam", BACKENDS[-1], scaler)
+    with pytest.raises(RuntimeError, match="already called on this optimizer.*unscale every gradient twice"):
+        imbsam.use_grad_scaler(opt, scaler)
+    with pytest.raises(RuntimeError, match="already called"):
+        imbsam.use_grad_scaler(opt, torch.amp.GradScaler("cpu"))
+
+
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_scaler_step_names_use_grad_scaler_and_leaves_nothing_perturbed(kind):
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    model, opt = setup(kind, BACKENDS[-1])
+    (x, y), = batches(1)
+    w = state(model, opt)[0]
+    if kind == "imbsam":
+        head, tail = imbsam.HeadTailLoss(COUNTS)(model(x), y)
+        scaler.scale(head).backward(retain_graph=True)
+        opt.first_step()
+        scaler.scale(tail).backward()
+        opt.second_step()
+        scaler.scale(imbsam.HeadTailLoss(COUNTS)(model(x), y)[1]).backward()
+    else:
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        opt.first_step()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+    with pytest.raises(ValueError, match=r"abandoned \(the weights are back at w\).*use_grad_scaler"):
+        scaler.step(opt)
+    assert all(torch.equal(p, q) for p, q in zip(state(model, opt)[0], w))
+    assert opt._engine.phase == "idle"
+
+
+def test_found_inf_that_is_not_a_tensor_is_refused_by_name():
+    model, opt = setup("sam", BACKENDS[-1])
+    (x, y), = batches(1)
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(TypeError, match="found_inf must be a tensor holding one value.*got float 1.0"):
+        opt.second_step(found_inf=1.0)
     opt.abandon_step()

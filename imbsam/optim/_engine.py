@@ -84,6 +84,8 @@ class SharpnessEngine:
         self._reported_inf: Optional[Tensor] = None
         self._hooks_running = False
         self.phase_hooks: OrderedDict[int, Callable] = OrderedDict()
+        # The helpers attached through phase hooks, by kind ("grad_scaler"): one of each.
+        self.helpers: dict[str, object] = {}
         # The user-facing name of each phase, for errors: SAM's two, or ImbSAM's three with "head".
         self.phase_names = phase_names or SAM_PHASES
         # The last phase that ran: "idle" -> ["head" ->] "perturbed" -> "idle". Checked before
@@ -100,16 +102,20 @@ class SharpnessEngine:
         return dict(backend=self.backend, rho=self.defaults["rho"], adaptive=self.defaults["adaptive"],
                     adaptive_eta=self.defaults["adaptive_eta"], phase_names=self.phase_names)
 
-    def register_phase_hook(self, hook: Callable[[str, list, list], None]) -> RemovableHandle:
+    def register_phase_hook(self, hook: Callable[[str, list, list], None], prepend: bool = False) -> RemovableHandle:
         """``hook(phase, params, grads)`` runs before a phase reads the gradients.
 
         ``phase`` is ``"head"`` (ImbSAM's first step), ``"perturb"`` or ``"step"`` (the last
         one); ``params`` are the parameters that have a ``.grad`` and ``grads`` those
         gradients. A hook may change them in place (an all-reduce, an unscale) or assign
         a new ``p.grad``; it should not synchronise with the host if CUDA graphs are used.
+        Hooks run in the order registered; ``prepend=True`` puts this one before the others
+        (``sync_data_parallel``'s average comes before any check of the gradients).
         """
         handle = RemovableHandle(self.phase_hooks)
         self.phase_hooks[handle.id] = hook
+        if prepend:
+            self.phase_hooks.move_to_end(handle.id, last=False)
         return handle
 
     def _run_phase_hooks(self, phase: str) -> None:
@@ -293,6 +299,9 @@ class SharpnessEngine:
         gradient was not finite or the caller's 0-d ``found_inf`` (a GradScaler's, say) is
         nonzero; on the fused paths both are combined and read on the device.
         """
+        if found_inf is not None and not isinstance(found_inf, Tensor):
+            raise TypeError(f"found_inf must be a tensor holding one value (a 0-d flag on the device, nonzero skips "
+                            f"the step), or None; got {type(found_inf).__name__} {found_inf!r}")
         if found_inf is not None and found_inf.numel() != 1:
             raise ValueError(f"found_inf must hold one value (a 0-d flag), got shape {tuple(found_inf.shape)}")
         self._check_phase("step")

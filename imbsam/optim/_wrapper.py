@@ -55,11 +55,12 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         """The last perturbation gradient's global norm (a device tensor), or None."""
         return self._engine.norm
 
-    def register_phase_hook(self, hook):
+    def register_phase_hook(self, hook, prepend: bool = False):
         """``hook(phase, params, grads)`` before each phase reads the gradients (``"head"``,
         ``"perturb"``, ``"step"``): the place for a gradient all-reduce or an unscale.
-        Returns a handle whose ``remove()`` unregisters it."""
-        return self._engine.register_phase_hook(hook)
+        Hooks run in the order registered (``prepend=True``: before the others). Returns a
+        handle whose ``remove()`` unregisters it."""
+        return self._engine.register_phase_hook(hook, prepend)
 
     def report_found_inf(self, flag) -> None:
         """Skips the step in progress when ``flag`` (one value on the device; NaN counts) is
@@ -102,6 +103,17 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     def _after_base_step(self) -> None:
         self._stepped["opt_called"] = True
+
+    def _refuse_step_without_closure(self, needs: str) -> None:
+        """step() without a closure: GradScaler.step(optimizer) calls it so, and a step begun
+        by the phases is given up first (w restored), so that nothing is left perturbed."""
+        begun = self._engine.phase != "idle"
+        self.abandon_step()
+        raise ValueError(f"{type(self).__name__}.step() needs {needs}."
+                         + (" The step begun by the phases was abandoned (the weights are back at w)." if begun else "")
+                         + " With a GradScaler, scaler.step(optimizer) cannot run the phases: call "
+                         "imbsam.use_grad_scaler(optimizer, scaler) once and the phases (or step(closure)) "
+                         "instead, then scaler.update()")
 
     # Inside step(closure): torch.optim's wrapper of step() has fired the step hooks already.
     _in_step = False

@@ -50,9 +50,9 @@ class _Adapter:
         """See ``imbsam.SAM.backend_for``."""
         return self._engine.concrete_backend(torch.device(device))
 
-    def register_phase_hook(self, hook):
+    def register_phase_hook(self, hook, prepend: bool = False):
         """See ``imbsam.SAM.register_phase_hook``."""
-        return self._engine.register_phase_hook(hook)
+        return self._engine.register_phase_hook(hook, prepend)
 
     def report_found_inf(self, flag) -> None:
         """See ``imbsam.SAM.report_found_inf``."""

@@ -76,27 +76,43 @@ class ImbSAM(SharpnessOptimizer):
         Returns the detached total ``head_loss + tail_loss`` of the first forward pass.
         """
         if closure is None:
-            raise ValueError("ImbSAM.step needs a closure that runs the forward pass and returns (head_loss, "
-                             "tail_loss) without calling backward; or call first_step/second_step/third_step")
+            self._refuse_step_without_closure("a closure that runs the forward pass and returns (head_loss, "
+                                              "tail_loss) without calling backward; or call "
+                                              "first_step/second_step/third_step")
+        # With use_grad_scaler, each loss is scaled before its backward, as the phases expect.
+        scaler = self._engine.helpers.get("grad_scaler")
+        scaled = scaler.scale if scaler is not None else (lambda loss: loss)
         with torch.enable_grad():
             head_loss, tail_loss = _head_and_tail(closure())
-            head_loss.backward(retain_graph=True)
+            _with_compile_hint(lambda: scaled(head_loss).backward(retain_graph=True))
         self.first_step()
         try:
             with torch.enable_grad():
-                tail_loss.backward()
+                scaled(tail_loss).backward()
             self.second_step()
             with torch.enable_grad():
-                _head_and_tail(closure())[1].backward()
+                scaled(_head_and_tail(closure())[1]).backward()
+            self._in_step = True
+            try:
+                self.third_step(zero_grad=False)
+            finally:
+                self._in_step = False
         except BaseException:  # the weights may be at w + e: leave them at w
             self.abandon_step()
             raise
-        self._in_step = True
-        try:
-            self.third_step(zero_grad=False)
-        finally:
-            self._in_step = False
         return (head_loss + tail_loss).detach()
+
+
+def _with_compile_hint(backward) -> None:
+    """Runs the head's retained backward; names the fix for inductor's refusal of it."""
+    try:
+        backward()
+    except RuntimeError as error:
+        if "donated buffer" not in str(error):
+            raise
+        raise RuntimeError("imbsam: ImbSAM's head backward keeps the graph for the tail's (retain_graph=True), "
+                           "which a model compiled by plain inductor refuses; compile it with "
+                           "torch.compile(model, backend=imbsam.retain_graph_backend())") from error
 
 
 def _head_and_tail(losses):

@@ -74,19 +74,20 @@ class SAM(SharpnessOptimizer):
         ``.grad``, as ``torch.optim`` optimizers leave theirs. Returns the first loss.
         """
         if closure is None:
-            raise ValueError("SAM.step needs a closure that computes the loss and calls backward() (SAM evaluates "
-                             "the gradient twice); or call first_step() and second_step() yourself")
+            self._refuse_step_without_closure("a closure that computes the loss and calls backward() (SAM "
+                                              "evaluates the gradient twice); or call first_step() and "
+                                              "second_step() yourself")
         closure = torch.enable_grad()(closure)
         loss = closure()
         self.first_step(zero_grad=True)
         try:
             closure()
+            self._in_step = True
+            try:
+                self.second_step(zero_grad=False)
+            finally:
+                self._in_step = False
         except BaseException:  # the weights are at w + e: leave them at w
             self.abandon_step()
             raise
-        self._in_step = True
-        try:
-            self.second_step(zero_grad=False)
-        finally:
-            self._in_step = False
         return loss
