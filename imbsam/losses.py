@@ -6,6 +6,7 @@ boolean indexing (``loss[tail].sum()``).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -13,18 +14,54 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_threshold(threshold) -> None:
+    # NaN or <= 0 made no class tail (ImbSAM became SGD in silence); inf made every class tail.
+    value = _real("threshold", threshold)
+    if not (0 < value < float("inf")):
+        raise ValueError(f"threshold must be a finite number > 0 (a class with fewer samples is tail), got {threshold!r}")
+
+
+def check_tail_weight(tail_weight) -> None:
+    # NaN skipped every step, inf made every tail gradient infinite, a negative weight
+    # ascended the tail loss, 0 dropped the tail classes from training.
+    value = _real("tail_weight", tail_weight)
+    if not (0 < value < float("inf")):
+        raise ValueError(f"tail_weight must be a finite number > 0 (the paper's is 2), got {tail_weight!r}")
+
+
 def tail_class_mask(class_counts: Union[Sequence[int], Tensor], threshold: Optional[float] = None) -> Tensor:
     """Bool mask over classes: ``n_c < threshold``; the default threshold is ``n_max / 25``
-    (20 on CIFAR-100-LT with imbalance factor 100, the paper's eta)."""
+    (20 on CIFAR-100-LT with imbalance factor 100, the paper's eta). Warns when no class, or
+    every class, is tail: ImbSAM is then the base optimizer's step, or SAM on every sample."""
     counts = torch.as_tensor(class_counts)
     if counts.dim() != 1 or counts.numel() == 0:
         raise ValueError(f"class_counts must be a non-empty 1-D sequence of per-class counts, got shape "
                          f"{tuple(counts.shape)}")
+    if counts.dtype == torch.bool or counts.is_complex():
+        raise TypeError(f"class_counts must hold numbers of samples, got dtype {counts.dtype}")
+    if counts.is_floating_point() and not bool(torch.isfinite(counts).all()):
+        raise ValueError("class_counts must be finite numbers of samples >= 0, got a NaN or infinite count")
     if bool((counts < 0).any()):
         raise ValueError("class_counts must be >= 0")
     if threshold is None:
         threshold = counts.max().item() / 25
-    return counts < threshold
+        if threshold <= 0:
+            raise ValueError("class_counts are all 0: no class has samples to split into head and tail")
+    check_threshold(threshold)
+    mask = counts < threshold
+    if not bool(mask.any()):
+        warnings.warn(f"imbsam.HeadTailLoss: no class has fewer than {threshold:g} samples, so none is tail: the tail "
+                      "loss is always 0 and ImbSAM takes the base optimizer's step", stacklevel=3)
+    elif bool(mask.all()):
+        warnings.warn(f"imbsam.HeadTailLoss: every class has fewer than {threshold:g} samples, so all are tail: the "
+                      "head loss is always 0 and ImbSAM is SAM on the weighted loss", stacklevel=3)
+    return mask
 
 
 class HeadTailLoss(torch.nn.Module):
@@ -36,12 +73,14 @@ class HeadTailLoss(torch.nn.Module):
 
     Args:
         class_counts: training samples per class.
-        threshold: classes with fewer samples than this are tail (default ``n_max / 25``).
-        tail_weight: the factor on the tail loss.
+        threshold: classes with fewer samples than this are tail (default ``n_max / 25``); a
+            finite number > 0.
+        tail_weight: the factor on the tail loss, a finite number > 0.
     """
 
     def __init__(self, class_counts, threshold: Optional[float] = None, tail_weight: float = 2.0):
         super().__init__()
+        check_tail_weight(tail_weight)
         self.register_buffer("tail_classes", tail_class_mask(class_counts, threshold), persistent=False)
         self.tail_weight = float(tail_weight)
 

@@ -1,6 +1,7 @@
 """The masked head/tail split equals boolean indexing, and the tail classes follow the counts."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -39,3 +40,32 @@ def test_batch_without_tail_samples_gives_zero_tail_loss_with_a_graph():
     assert tail.item() == 0.0
     tail.backward()
     assert torch.count_nonzero(logits.grad) == 0
+
+
+BAD_ARGUMENTS = [  # (keyword arguments, error, what the message says); each was accepted before 2026-12-04
+    (dict(tail_weight=float("nan")), ValueError, "tail_weight must be a finite number > 0"),  # every step skipped
+    (dict(tail_weight=float("inf")), ValueError, "tail_weight must be a finite number > 0"),
+    (dict(tail_weight=-2.0), ValueError, "tail_weight must be a finite number > 0"),  # the tail loss ascended
+    (dict(tail_weight=0.0), ValueError, "tail_weight must be a finite number > 0"),
+    (dict(tail_weight="2"), TypeError, "tail_weight must be a real number"),
+    (dict(threshold=float("nan")), ValueError, "threshold must be a finite number > 0"),  # no tail class
+    (dict(threshold=float("inf")), ValueError, "threshold must be a finite number > 0"),
+    (dict(threshold=0), ValueError, "threshold must be a finite number > 0"),
+    (dict(threshold=True), TypeError, "threshold must be a real number"),
+    (dict(class_counts=[500.0, float("nan"), 5.0]), ValueError, "finite numbers of samples"),
+    (dict(class_counts=[True, False]), TypeError, "numbers of samples"),
+    (dict(class_counts=[0, 0, 0]), ValueError, "all 0"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", BAD_ARGUMENTS, ids=lambda a: repr(a) if isinstance(a, dict) else "")
+def test_head_tail_loss_refuses_arguments_outside_the_method(kwargs, error, message):
+    kwargs = dict(dict(class_counts=[500, 300, 5]), **kwargs)
+    with pytest.raises(error, match=message):
+        imbsam.HeadTailLoss(**kwargs)
+
+
+@pytest.mark.parametrize("threshold,says", [(3, "none is tail"), (1000, "all are tail")])
+def test_a_split_with_no_head_or_no_tail_class_warns(threshold, says):
+    with pytest.warns(UserWarning, match=says):
+        imbsam.HeadTailLoss([500, 300, 5], threshold=threshold)
