@@ -1,6 +1,8 @@
 """Bad input gets a clear error naming the problem and what is allowed; nothing is written."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -390,3 +392,61 @@ def test_parameters_on_two_devices_are_refused_before_any_write(backend):
     with pytest.raises(ValueError, match="parameters are on more than one device .cpu and meta."):
         opt.first_step()
     assert torch.equal(model.a.weight, before)
+
+
+def _state(model, opt):
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()["state"])
+
+
+def _same(a, b) -> bool:
+    (wa, sa), (wb, sb) = a, b
+    return all(torch.equal(p, q) for p, q in zip(wa, wb)) and sa.keys() == sb.keys() and all(
+        torch.equal(sa[k][n], sb[k][n]) for k in sa for n in sa[k])
+
+
+# Each: the phases called by hand with a backward missing (or undone by zero_grad()); before
+# 2026-12-04 each ran, e.g. ImbSAM stepped with 2 g_T + g_H at w (9e-3 off), SAM took no step.
+# (which, the calls, the message)
+NO_GRADIENT_CASES = {
+    "imbsam second_step before the tail backward": (
+        "ImbSAM", ["head", "first_step", "second_step"], r"second_step\(\) with no gradients.*tail_loss.backward"),
+    "imbsam zero_grad before second_step": (
+        "ImbSAM", ["head", "first_step", "tail", "zero_grad", "second_step"], r"second_step\(\) with no gradients"),
+    "imbsam third_step without the backward at w + e": (
+        "ImbSAM", ["head", "first_step", "tail", "second_step", "third_step"],
+        r"third_step\(\) with no gradients.*abandon_step"),
+    "imbsam first_step before any backward": ("ImbSAM", ["first_step"], r"first_step\(\) with no gradients"),
+    "sam first_step before any backward": ("SAM", ["first_step"], r"first_step\(\) with no gradients.*loss.backward"),
+    "sam zero_grad before second_step": (
+        "SAM", ["loss", "first_step", "loss", "zero_grad", "second_step"], r"second_step\(\) with no gradients"),
+    "sam second_step reading first_step's gradients": (
+        "SAM", ["loss", "first_step keeping .grad", "second_step"], r"would read the gradients the phase before"),
+    "compat imbsam second_step before the tail backward": (
+        "compat.ImbSAM", ["head", "first_step", "second_step"], r"second_step\(\) with no gradients"),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_GRADIENT_CASES))
+def test_a_phase_without_fresh_gradients_is_refused_before_it_writes(case):
+    which, calls, message = NO_GRADIENT_CASES[case]
+    model = small_cnn()
+    opt, _ = _optimizer_and_phases(which, model)
+    split = imbsam.HeadTailLoss([50, 40, 30, 20, 10, 5, 4, 3, 2, 1])
+    x, y = torch.randn(8, 3, 8, 8), torch.arange(8)
+    tail = []  # the tail loss of the head's forward, whose graph the head backward keeps
+
+    def head():
+        h, t = split(model(x), y)
+        h.backward(retain_graph=True)
+        tail.append(t)
+    do = {"head": head, "tail": lambda: tail.pop().backward(),
+          "loss": lambda: torch.nn.functional.cross_entropy(model(x), y).backward(),
+          "zero_grad": lambda: opt.zero_grad(),
+          "first_step keeping .grad": lambda: opt.first_step(zero_grad=False)}
+    for call in calls[:-1]:
+        (do.get(call) or getattr(opt, call))()
+    before = _state(model, opt)
+    with pytest.raises(RuntimeError, match=message):
+        getattr(opt, calls[-1])()
+    assert _same(before, _state(model, opt))
+    opt.abandon_step()

@@ -87,7 +87,7 @@ def test_step_hooks_fire_once_per_full_step(cls):
             loss.backward()
             return loss
     else:
-        split = imbsam.HeadTailLoss([50, 40, 5])
+        split = imbsam.HeadTailLoss([50, 40, 1])
 
         def closure():
             return split(m(x), y)

@@ -10,6 +10,7 @@ and the guarded retry), ``_plans`` (the per-group plans and backups), ``_fused_s
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import Callable, NamedTuple, Optional
 
@@ -83,6 +84,8 @@ class SharpnessEngine:
         # The step's skip flag that hooks report (report_found_inf), combined on the device.
         self._reported_inf: Optional[Tensor] = None
         self._hooks_running = False
+        # The gradients a phase left in .grad, with their versions (see leave_grads).
+        self._left: Optional[list] = None
         self.phase_hooks: OrderedDict[int, Callable] = OrderedDict()
         # The helpers attached through phase hooks, by kind ("grad_scaler"): one of each.
         self.helpers: dict[str, object] = {}
@@ -119,11 +122,13 @@ class SharpnessEngine:
         return handle
 
     def _run_phase_hooks(self, phase: str) -> None:
+        """A phase begins (its order checked): its gradients checked, then the hooks."""
         if self.phase == "idle":  # a step begins: the one place the reported flag is cleared
             self._reported_inf = None
+        params = [p for g in self.base.param_groups for p in g["params"] if p.grad is not None]
+        self._check_fresh_grads(phase, params)
         if not self.phase_hooks:
             return
-        params = [p for g in self.base.param_groups for p in g["params"] if p.grad is not None]
         grads = [p.grad for p in params]
         self._hooks_running = True
         try:
@@ -131,6 +136,37 @@ class SharpnessEngine:
                 hook(phase, params, grads)
         finally:
             self._hooks_running = False
+
+    # What each phase's gradients come from, for the error when it has none.
+    _BACKWARD_BEFORE = {"head": "head_loss.backward(retain_graph=True)", "step": "the backward of the loss at w + e"}
+
+    def _check_fresh_grads(self, phase: str, params: list) -> None:
+        """Raises, before anything is written, if the phase would read no gradient or only
+        the ones a phase before it already read: a backward was forgotten, or ``.grad`` was
+        cleared before the phase (it used to step with the wrong gradients, in silence)."""
+        names = self.phase_names
+        left, self._left = self._left, None
+        if not params:
+            before = self._BACKWARD_BEFORE.get(phase) or (
+                "tail_loss.backward() (a batch without tail samples still gives zero gradients)"
+                if "head" in names else "loss.backward()")
+            stays = (" The step stays perturbed: call abandon_step() to restore w, or run the backward and call "
+                     f"{names[phase]}() again." if phase == "step" else "")
+            raise RuntimeError(f"imbsam: {names[phase]}() with no gradients: no parameter has a .grad. Call "
+                               f"{before} before it, and zero_grad() only after it.{stays}")
+        if left is not None and not torch.compiler.is_compiling() and len(left) == len(params) and all(
+                ref() is p.grad and p.grad._version == version for (ref, version), p in zip(left, params)):
+            raise RuntimeError(f"imbsam: {names[phase]}() would read the gradients the phase before it read: no "
+                               "backward ran since (the last phase was called with zero_grad=False)")
+
+    def leave_grads(self) -> None:
+        """A phase that keeps ``.grad`` (``zero_grad=False``) notes what it leaves, so that
+        the next phase can tell whether a backward ran since (weak references: nothing is
+        kept alive)."""
+        if torch.compiler.is_compiling():  # dynamo traces no version counter; compile_step zeroes .grad
+            return
+        self._left = [(weakref.ref(p.grad), p.grad._version)
+                      for g in self.base.param_groups for p in g["params"] if p.grad is not None]
 
     def report_found_inf(self, flag: Tensor) -> None:
         """Skips the step in progress if ``flag`` (one value; NaN counts) is nonzero.

@@ -68,6 +68,8 @@ class ImbSAM(SharpnessOptimizer):
         self._last_phase(with_head=True, found_inf=found_inf)
         if zero_grad:
             self.zero_grad(set_to_none=True)
+        else:
+            self._engine.leave_grads()
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -53,6 +53,8 @@ class SAM(SharpnessOptimizer):
         self._engine.perturb()
         if zero_grad:
             self.zero_grad(set_to_none=True)
+        else:
+            self._engine.leave_grads()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = True, found_inf=None) -> None:
@@ -65,6 +67,8 @@ class SAM(SharpnessOptimizer):
         self._last_phase(with_head=False, found_inf=found_inf)
         if zero_grad:
             self.zero_grad(set_to_none=True)
+        else:
+            self._engine.leave_grads()
 
     @torch.no_grad()
     def step(self, closure=None):
