@@ -353,8 +353,7 @@ def backward(model):
     model(torch.randn(4, 6)).backward()
 
 
-# The fused backends reject the mismatch; torch.optim.SGD itself (the reference backend's
-# path) adds fp64 into an fp32 buffer without complaint.
+# The fused backends' ops reject the mismatch; the generic path's check (the next test) too.
 @pytest.mark.parametrize("backend", [b for b in imbsam.available_backends() if b != "reference"])
 @pytest.mark.parametrize("cls", [imbsam.SAM, imbsam.ImbSAM])
 def test_a_rejected_last_phase_leaves_the_step_to_retry_or_abandon(backend, cls):
@@ -379,6 +378,37 @@ def test_a_rejected_last_phase_leaves_the_step_to_retry_or_abandon(backend, cls)
     assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(model.parameters(), bufs))
     opt.abandon_step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+
+
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.Adam], ids=["sgd", "adam"])
+def test_a_rejected_generic_step_leaves_the_base_state_as_it_was(base):
+    """On the generic path (the base optimizer's own step()), torch.optim.Adam used to
+    raise only after adding 1 to a parameter's step count (3 after a retry, not 2), and
+    torch.optim.SGD added fp64 gradients into fp32 momentum without a word."""
+    model = TwoParts()
+    kw = dict(lr=0.1, momentum=0.9) if base is torch.optim.SGD else dict(lr=0.1)
+    opt = imbsam.SAM(model.groups(), base, rho=0.05, backend="reference", **kw)
+    for phase in (opt.first_step, opt.second_step):
+        backward(model)
+        phase()
+    model.b.double()
+    before = copy.deepcopy(opt.state_dict()["state"])
+    backward(model)
+    opt.first_step()
+    backward(model)
+    with pytest.raises(TypeError, match=r"state '(exp_avg|momentum_buffer)' of a parameter .* is torch.float32 .* "
+                                        r"the parameter is torch.float64.*abandon_step"):
+        opt.second_step()
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(before[k][n], after[k][n]) for k in before for n in before[k])
+    opt.abandon_step()
+    for p in model.b.parameters():  # the way out the message names: the state converted too
+        opt.state[p] = {k: v.double() if v.shape == p.shape else v for k, v in opt.state[p].items()}
+    for phase in (opt.first_step, opt.second_step):
+        backward(model)
+        phase()
+    if base is torch.optim.Adam:
+        assert all(float(opt.state[p]["step"]) == 2 for p in model.parameters())
 
 
 @pytest.mark.parametrize("backend", imbsam.available_backends())

@@ -22,7 +22,7 @@ from imbsam import backends
 from imbsam.backends import checks
 from imbsam.optim import _fused_adam, _fused_sgd
 from imbsam.optim._hypers import check_adaptive, check_adaptive_eta, check_group_hypers, check_rho
-from imbsam.optim._inputs import fix_layouts, gather, guarded
+from imbsam.optim._inputs import check_base_state, fix_layouts, gather, guarded
 from imbsam.optim._plans import GroupPlan, PlanCache
 from imbsam.optim._sharded import LocalShardOps, is_sharded
 
@@ -399,6 +399,7 @@ class SharpnessEngine:
         replaced: list[tuple[Tensor, Tensor]] = []
         for _, ps, gs, _, _ in groups:  # what can be refused before anything is written
             fix_layouts(ps, gs)
+        check_base_state(self.base, [p for _, ps, _, _, _ in groups for p in ps])
         try:
             ops.restore_(restore_params, restore_backups)
             for _, ps, gs, bs, hs in groups:

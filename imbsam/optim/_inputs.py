@@ -87,3 +87,22 @@ def checked_grad(p: Tensor, g: Tensor, assign: bool = True) -> Tensor:
         if assign:
             p.grad = g
     return g
+
+
+def check_base_state(base: torch.optim.Optimizer, params: list[Tensor]) -> None:
+    """Before the generic path's base step: torch.optim's own optimizers need every state
+    tensor shaped like its parameter to share its dtype and device. Their step() raises
+    only when it reaches such a tensor, after it has changed the state (Adam's step count)
+    or the weights of the parameters before it; so it is checked here, before anything
+    is written. (Other libraries' optimizers may keep state in another dtype on purpose.)"""
+    if not type(base).__module__.startswith("torch.optim."):
+        return
+    for p in params:
+        for name, value in base.state.get(p, {}).items():
+            if isinstance(value, Tensor) and value.shape == p.shape and (value.dtype, value.device) != (p.dtype,
+                                                                                                        p.device):
+                raise TypeError(f"imbsam: {type(base).__name__}'s state {name!r} of a parameter of shape "
+                                f"{tuple(p.shape)} is {value.dtype} on {value.device}, but the parameter is "
+                                f"{p.dtype} on {p.device} (converted after the optimizer made its state, e.g. by "
+                                "model.double()); convert the state too, or build the optimizer after converting "
+                                "the model. The step stays perturbed: abandon_step() restores w")
