@@ -2,6 +2,7 @@
 with fullgraph=True (no graph breaks) and gives the eager result."""
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -94,11 +95,48 @@ def test_a_compiled_whole_step_trains_as_the_eager_one(method, compile_backend):
 
 
 @pytest.mark.skipif(not hasattr(torch._functorch.config, "donated_buffer"), reason="torch < 2.5 donates no buffers")
-def test_plain_inductor_refuses_imbsams_retained_graph_loudly():
+@pytest.mark.parametrize("how", ["phases", "step(closure)"])
+def test_plain_inductor_under_imbsam_refuses_loudly_or_trains_as_eager(how):
     """Why retain_graph_backend exists: inductor donates saved activations to the backward
-    and then refuses ImbSAM's retain_graph=True (torch's error, not a wrong gradient)."""
-    with pytest.raises(RuntimeError, match="donated buffers"):
-        train_compiled("imbsam", "inductor")
+    and, in the torch versions that decide so when the forward is compiled, refuses
+    ImbSAM's retain_graph=True (torch's error; under step(closure) with imbsam's hint).
+    Newer ones (torch 2.14.1 here, 2026-12-04) compile a backward whose first run keeps
+    the graph without donating, and then train as eager. Never a silent wrong gradient."""
+    from models import batches, small_cnn
+
+    torch._dynamo.reset()
+    model = small_cnn()
+    net = torch.compile(model)
+    opt = imbsam.ImbSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    split = imbsam.HeadTailLoss([100, 90, 80, 70, 60, 50, 40, 3, 2, 1])
+    from imbsam.train.step import make_step
+
+    step = make_step("imbsam", net, opt, split)
+    try:
+        for x, y in batches(3, seed=4):
+            if how == "phases":
+                step(x, y)
+            else:
+                opt.step(lambda: split(net(x), y))
+                opt.zero_grad()
+    except RuntimeError as error:
+        hint = r"torch.compile\(model, backend=imbsam.retain_graph_backend\(\)\)"
+        assert re.search("donated buffers" if how == "phases" else hint, str(error)), str(error)
+        return
+    assert max_err([p.detach() for p in model.parameters()], train_compiled("imbsam", None)) < 1e-5
+
+
+def test_the_hint_for_inductors_refusal_names_retain_graph_backend():
+    from imbsam.optim.imbsam import _with_compile_hint
+
+    def refused():
+        raise RuntimeError("This backward function was compiled with non-empty donated buffers which requires "
+                           "create_graph=False and retain_graph=False.")
+    with pytest.raises(RuntimeError, match=r"backend=imbsam.retain_graph_backend\(\)") as caught:
+        _with_compile_hint(refused)
+    assert "donated buffers" in str(caught.value.__cause__)
+    with pytest.raises(RuntimeError, match="^other$"):  # any other error passes through as it was
+        _with_compile_hint(lambda: (_ for _ in ()).throw(RuntimeError("other")))
 
 
 def head_then_tail_gradients(compile_backend, retain: bool = True, batch_sizes=None):

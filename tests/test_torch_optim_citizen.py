@@ -95,13 +95,40 @@ def test_step_hooks_fire_once_per_full_step(cls):
     assert calls == ["pre", "post"]  # step(closure) runs the phases: still once
 
 
-def test_a_global_step_hook_sees_the_phases_too():
+@pytest.mark.parametrize("backend", imbsam.available_backends())
+def test_a_global_step_hook_sees_the_phases_and_the_base_step(backend):
+    """Once for the SAM step and once for its base optimizer's, as for any optimizer that
+    steps another; the fused path (which replaces the base's step()) used to skip the second."""
     m = model()
-    opt = make(imbsam.SAM, m)
+    opt = imbsam.SAM(m.parameters(), torch.optim.SGD, rho=0.05, backend=backend, lr=0.1, momentum=0.9)
     seen = []
     handle = register_optimizer_step_post_hook(lambda o, a, k: seen.append(type(o).__name__))
     try:
         full_step(m, opt, *data(1))
     finally:
         handle.remove()
-    assert seen == ["SAM"]
+    assert seen == ["SGD", "SAM"]
+
+
+@pytest.mark.parametrize("backend", imbsam.available_backends())
+@pytest.mark.parametrize("which", ["SAM", "ImbSAM", "compat.SAM", "compat.ImbSAM"])
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW], ids=["sgd", "adamw"])
+def test_hooks_on_the_base_optimizer_fire_once_per_step_on_every_path(which, backend, base):
+    """EMA and logging libraries hook the optimizer they are given: the base one, under the
+    paper's adapters. They fired on the generic path and never on the fused one."""
+    m = model()
+    if which.startswith("compat."):
+        base_opt = base(m.parameters(), lr=0.1)
+        opt = getattr(imbsam.compat, which[len("compat."):])(base_opt, m, rho=0.05, backend=backend)
+    else:
+        opt = getattr(imbsam, which)(m.parameters(), base, rho=0.05, backend=backend, lr=0.1)
+        base_opt = opt.base_optimizer
+    calls = []
+    base_opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", o)))
+    base_opt.register_step_post_hook(lambda o, a, k: calls.append(("post", o)))
+    for seed in (1, 2):
+        x, y = data(seed)
+        for phase in [opt.first_step, opt.second_step] + ([opt.third_step] if "ImbSAM" in which else []):
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            phase()
+    assert calls == [("pre", base_opt), ("post", base_opt)] * 2

@@ -25,6 +25,7 @@ from imbsam.optim._hypers import check_adaptive, check_adaptive_eta, check_group
 from imbsam.optim._inputs import check_base_state, fix_layouts, gather, guarded
 from imbsam.optim._plans import GroupPlan, PlanCache
 from imbsam.optim._sharded import LocalShardOps, is_sharded
+from imbsam.optim._step_hooks import fire_post_hooks, fire_pre_hooks
 
 SAM_PHASES = {"perturb": "first_step", "step": "second_step"}
 IMBSAM_PHASES = {"head": "first_step", "perturb": "second_step", "step": "third_step"}
@@ -386,6 +387,7 @@ class SharpnessEngine:
                 if len(calls) > 1 or restore_params:  # each op checks its own input: none may reject after a write
                     for _, name, args in calls:
                         _PRECHECKS[name](*args)
+                fire_pre_hooks(self.base)  # the fused op is the base's step(): its hooks fire as step()'s would
                 ops.restore_(restore_params, restore_backups)
                 for pairs, name, args in calls:
                     op = getattr(ops, name)
@@ -393,6 +395,7 @@ class SharpnessEngine:
             except BaseException:
                 fused.forget_created(self.base, created)
                 raise
+            fire_post_hooks(self.base)
             return
         # The combined gradient goes into new tensors, the tail's kept: a base step that
         # raises leaves .grad as it was, so that a retry does not add g_H twice.

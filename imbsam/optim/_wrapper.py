@@ -1,13 +1,11 @@
 """What SAM and ImbSAM share as ``torch.optim.Optimizer`` subclasses around a base optimizer."""
 from __future__ import annotations
 
-import itertools
-
 import torch
-from torch.optim import optimizer as torch_optimizer
 
 from imbsam.optim._engine import SAM_PHASES, SharpnessEngine
 from imbsam.optim._hypers import check_adaptive, check_adaptive_eta, check_base_optimizer, check_group_hypers, check_rho
+from imbsam.optim._step_hooks import fire_post_hooks, fire_pre_hooks
 
 
 class SharpnessOptimizer(torch.optim.Optimizer):
@@ -124,17 +122,11 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         phases are called by hand, around step() when it runs them."""
         fire = not self._in_step
         if fire:
-            for hook in itertools.chain(torch_optimizer._global_optimizer_pre_hooks.values(),
-                                        self._optimizer_step_pre_hooks.values()):
-                if hook(self, (), {}) is not None:
-                    raise RuntimeError("imbsam: a step pre-hook returned new arguments, but the phase methods take "
-                                       "none to replace; use it with step(closure), or return None")
+            fire_pre_hooks(self)
         self._engine.restore_and_step(with_head=with_head, found_inf=found_inf)
         self._after_base_step()
         if fire:
-            for hook in itertools.chain(self._optimizer_step_post_hooks.values(),
-                                        torch_optimizer._global_optimizer_post_hooks.values()):
-                hook(self, (), {})
+            fire_post_hooks(self)
 
     # copy.deepcopy, pickle and torch.save: the base optimizer (state, param groups) and the
     # settings travel; the per-step buffers and phase hooks do not (hooks are often lambdas),
