@@ -92,6 +92,46 @@ def retain_graph_backend(backend: Union[str, Backend] = "inductor") -> Backend:
     return compile_keeping_saved_tensors
 
 
+class StepNotCompilable(RuntimeError):
+    """What ``compile_step`` cannot compile, said by the optimizer before anything is written."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message  # as said: dynamo appends its trace to the arguments of what it wraps
+
+
+# Whether a compile_step call is running (set around it, read by the engine's first phase).
+_IN_COMPILE_STEP = [False]
+
+
+def in_compile_step() -> bool:
+    return _IN_COMPILE_STEP[0]
+
+
+@torch.compiler.assume_constant_result
+def refuse_in_compile_step(message: str) -> bool:
+    """Raises ``StepNotCompilable(message)``: while dynamo traces too (it runs a function it
+    may assume constant at once, where a plain ``raise`` in traced code would come out as
+    dynamo's "Observed exception" with the message buried in it)."""
+    raise StepNotCompilable(message)
+
+
+def _refusal_in(error: BaseException):
+    """The ``StepNotCompilable`` that ``error`` (dynamo's wrapper of it) was raised from, or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, StepNotCompilable):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _recompile_limit_errors() -> tuple:
+    names = ("FailOnRecompileLimitHit", "FailOnCacheLimitHit", "RecompileLimitExceeded", "CacheLimitExceeded")
+    return tuple(getattr(torch._dynamo.exc, name) for name in names if hasattr(torch._dynamo.exc, name))
+
+
 def compile_step(step: Callable, backend: Union[str, Backend] = "inductor", fullgraph: bool = True,
                  **compile_kwargs: Any) -> Callable:
     """``step`` (a function that runs forwards, backwards and the optimizer's phases)
@@ -101,17 +141,38 @@ def compile_step(step: Callable, backend: Union[str, Backend] = "inductor", full
         step = imbsam.compile_step(step)          # e.g. imbsam.train.step.make_step(...)
 
     With ``fullgraph=True`` (the default) anything dynamo cannot put in the graph is an
-    error at the first call, not a silent graph break."""
+    error at the first call, not a silent graph break. The optimizer's step must be fused
+    (``torch.optim.SGD``, ``Adam`` or ``AdamW`` on cpp, cuda or triton): any other is
+    refused at the first phase, before anything is written, naming it. Give the base
+    optimizer a tensor ``lr`` (``lr=torch.tensor(0.1)``; LR schedulers update it in
+    place): a float ``lr`` is a constant of the graph, and each change recompiles it."""
     if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
         raise RuntimeError(f"imbsam.compile_step: torch {torch.__version__} cannot trace backward() into a graph "
                            "(torch._dynamo.config.trace_autograd_ops is missing); compile the model alone, or "
                            "torch.compile(step) with graph breaks")
+    if not callable(step):
+        raise TypeError(f"compile_step() takes the step function to compile, got {type(step).__name__}")
     compiled = torch.compile(step, fullgraph=fullgraph, backend=backend, **compile_kwargs)
 
     @functools.wraps(step)
     def compiled_step(*args, **kwargs):
         # At every call, not at torch.compile(): dynamo traces (and retraces) when called.
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
-            return compiled(*args, **kwargs)
+        outer, _IN_COMPILE_STEP[0] = _IN_COMPILE_STEP[0], True
+        try:
+            with torch._dynamo.config.patch(trace_autograd_ops=True):
+                return compiled(*args, **kwargs)
+        except _recompile_limit_errors() as error:
+            raise RuntimeError(
+                "imbsam.compile_step: the step was recompiled until dynamo's limit, because a value it reads "
+                "changed at each call (this call did not run). The usual one is a float lr that an LR scheduler "
+                "changes: give the base optimizer a tensor lr, e.g. torch.optim.SGD(..., lr=torch.tensor(0.1)), "
+                "which schedulers update in place. TORCH_LOGS=recompiles names the value") from error
+        except Exception as error:
+            refusal = _refusal_in(error)
+            if refusal is None:
+                raise
+            raise StepNotCompilable(refusal.message) from None
+        finally:
+            _IN_COMPILE_STEP[0] = outer
 
     return compiled_step

@@ -256,3 +256,54 @@ def test_compile_step_names_a_torch_that_cannot_trace_backward(monkeypatch):
     monkeypatch.delattr(torch._dynamo.config, "trace_autograd_ops", raising=False)
     with pytest.raises(RuntimeError, match="cannot trace backward\\(\\) into a graph"):
         imbsam.compile_step(lambda x: x)
+
+
+@pytest.mark.skipif(not (TRACES_BACKWARD and COMPILES_MUTABLE_LISTS),
+                    reason="this torch cannot trace backward() or the ops into a graph")
+@pytest.mark.parametrize("fullgraph", [True, False])
+@pytest.mark.parametrize("base,backend", [(torch.optim.RMSprop, "cpp"), (torch.optim.SGD, "reference")])
+def test_compile_step_refuses_a_step_it_cannot_fuse_by_name_and_writes_nothing(base, backend, fullgraph):
+    """It used to fail inside dynamo ("Could not guard on data-dependent expression", or an
+    assertion) with, on some torch, the weights left at w + e and the phase idle."""
+    from imbsam.train.step import make_step
+
+    from models import batches, small_cnn
+
+    model = small_cnn()
+    opt = imbsam.SAM(model.parameters(), base, rho=0.05, backend=backend, lr=0.01)
+    w = [p.detach().clone() for p in model.parameters()]
+    torch._dynamo.reset()
+    step = imbsam.compile_step(make_step("sam", model, opt), backend="aot_eager", fullgraph=fullgraph)
+    (x, y), = batches(1)
+    with pytest.raises(imbsam.compiling.StepNotCompilable,
+                       match=rf"needs a fused step.*{base.__name__} on {backend}.*Nothing was written.*"
+                             r"torch.compile\(model\)"):
+        step(x, y)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w)) and opt._engine.phase == "idle"
+    assert max_err(train_compiled("sam", "aot_eager"), train_compiled("sam", None)) < 1e-5  # compiling still works
+
+
+@pytest.mark.skipif(not (TRACES_BACKWARD and COMPILES_MUTABLE_LISTS),
+                    reason="this torch cannot trace backward() or the ops into a graph")
+def test_compile_step_under_a_per_step_scheduler_names_the_tensor_lr_and_trains_with_it():
+    """A float lr changed at every step recompiled the step until dynamo stopped, at the 9th
+    call, with "Hard failure due to fullgraph=True"."""
+    from imbsam.train.step import make_step
+
+    from models import batches, small_cnn
+
+    def run(lr):
+        model = small_cnn()
+        opt = imbsam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, backend="cpp", lr=lr, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))
+        step = imbsam.compile_step(make_step("sam", model, opt), backend="aot_eager")
+        for x, y in batches(10):
+            step(x, y)
+            scheduler.step()
+        return model
+
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=r"recompiled until dynamo's limit.*lr=torch.tensor\(0.1\)"):
+        run(0.1)
+    torch._dynamo.reset()
+    assert all(torch.isfinite(p).all() for p in run(torch.tensor(0.1)).parameters())

@@ -179,3 +179,34 @@ def test_sparse_gradient_in_the_last_phase_changes_nothing(backend):
         opt.second_step()
     for p, q in zip(opt.param_groups[0]["params"], perturbed):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_a_perturbation_refused_in_a_later_group_puts_the_earlier_ones_back(monkeypatch, adaptive):
+    """The groups are perturbed one op at a time: an op that refuses after others have
+    written (the last group's here) used to leave those at w + e with the phase idle,
+    where abandon_step() restores nothing."""
+    params = make_params("cpu")
+    groups = [{"params": [params["a"], params["b"]]}, {"params": [params["c"], params["d"]]},
+              {"params": [params["e"]]}]
+    opt = imbsam.SAM(groups, torch.optim.SGD, rho=0.5, adaptive=adaptive, backend="reference", **SGD_KW)
+    w = {n: p.detach().clone() for n, p in params.items()}
+    assign(params, grads_for(params, NAMES, 1))
+    ops = imbsam.backends.record("reference").ops
+    real, calls = ops.perturb_, []
+
+    def perturb_(ps, *args):
+        calls.append(len(ps))
+        if any(p is params["e"] for p in ps):
+            raise RuntimeError("refused")
+        return real(ps, *args)
+    monkeypatch.setattr(ops, "perturb_", perturb_)
+    with pytest.raises(RuntimeError, match="refused"):
+        opt.first_step()
+    assert len(calls) >= 3  # the earlier groups' ops had run
+    assert all(torch.equal(p, w[n]) for n, p in params.items())
+    assert opt._engine.phase == "idle"
+    monkeypatch.setattr(ops, "perturb_", real)
+    opt.first_step()  # the step can begin again
+    opt.abandon_step()
+    assert all(torch.equal(p, w[n]) for n, p in params.items())

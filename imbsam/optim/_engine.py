@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from imbsam import backends
+from imbsam import backends, compiling
 from imbsam.backends import checks
 from imbsam.optim import _fused_adam, _fused_sgd
 from imbsam.optim._hypers import check_adaptive, check_adaptive_eta, check_group_hypers, check_rho
@@ -204,6 +204,12 @@ class SharpnessEngine:
         nothing (none of the built-in ones: the registry test adds one), the checks the others
         make before they write."""
         backend = backends.record(self.concrete_backend(device))
+        if self.phase == "idle" and compiling.in_compile_step() and _fused_step_of(self.base, backend) is None:
+            compiling.refuse_in_compile_step(
+                f"imbsam.compile_step needs a fused step: exactly torch.optim.SGD, Adam or AdamW on a backend with "
+                f"the fused base step (cpp, cuda, triton); this optimizer's {type(self.base).__name__} on "
+                f"{backend.name} steps itself after the phases, which dynamo cannot put in one graph. Nothing was "
+                "written. Compile the model alone (torch.compile(model)) instead")
         if not backend.checks_inputs:
             for _, _, params, grads in gathered:  # gather() has checked their devices
                 fix_layouts(params, grads)
@@ -279,20 +285,30 @@ class SharpnessEngine:
         self.norm = self._step_norm = guarded(
             lambda: ops.grad_norm(*norm_inputs(), eta), [(params, grads, True) for _, _, params, grads in gathered])
         norm = self.norm
-        for index, group, params, grads in gathered:
-            if not params:
-                continue
-            plan, rho = plans[index], self._hyper(group, "rho")
-            if not adaptive[index]:
-                guarded(lambda: ops.perturb_(params, grads, plan.backups, norm, rho, eta, False),
-                              [(params, grads, True)])
-            else:
-                for pick, is_scaled in ((plan.plain, False), (plan.scaled, True)):
-                    if pick:
-                        ps, gs = [params[j] for j in pick], [grads[j] for j in pick]
-                        bs = [plan.backups[j] for j in pick]
-                        guarded(lambda: ops.perturb_(ps, gs, bs, norm, rho, eta, is_scaled), [(ps, gs, True)])
-            self._perturbed[index] = plan
+        moved: list[tuple[list[Tensor], list[Tensor]]] = []  # (params, backups) of each op that has run
+        try:
+            for index, group, params, grads in gathered:
+                if not params:
+                    continue
+                plan, rho = plans[index], self._hyper(group, "rho")
+                if not adaptive[index]:
+                    guarded(lambda: ops.perturb_(params, grads, plan.backups, norm, rho, eta, False),
+                            [(params, grads, True)])
+                    moved.append((params, plan.backups))
+                else:
+                    for pick, is_scaled in ((plan.plain, False), (plan.scaled, True)):
+                        if pick:
+                            ps, gs = [params[j] for j in pick], [grads[j] for j in pick]
+                            bs = [plan.backups[j] for j in pick]
+                            guarded(lambda: ops.perturb_(ps, gs, bs, norm, rho, eta, is_scaled), [(ps, gs, True)])
+                            moved.append((ps, bs))
+                self._perturbed[index] = plan
+        except BaseException:  # a later group's op refused: the earlier ones go back to w, the phase stays
+            for ps, bs in moved:
+                for p, b in zip(ps, bs):
+                    p.copy_(b)
+            self._perturbed, self.norm, self._step_norm = {}, None, None
+            raise
         self.phase = "perturbed"
 
     def _check_phase(self, phase: str) -> None:
