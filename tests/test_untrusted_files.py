@@ -18,13 +18,14 @@ from synthetic_data import write_cifar
 
 
 class Payload:
-    """Unpickled without restrictions, it creates the file ``marker``: proof that code ran."""
+    """Unpickled without restrictions, it creates the file ``marker``: proof that code ran;
+    by ``open`` (a global torch does not allow) or by ``os.system`` (from a module it blocks)."""
 
-    def __init__(self, marker):
-        self.marker = marker
+    def __init__(self, marker, how="open"):
+        self.marker, self.how = marker, how
 
     def __reduce__(self):
-        return (open, (self.marker, "w"))
+        return (open, (self.marker, "w")) if self.how == "open" else (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +47,13 @@ def plant(out, content: bytes) -> str:
     return path
 
 
-def test_a_crafted_checkpoint_runs_no_code(cifar_root, tmp_path):
+@pytest.mark.parametrize("how", ["open", "os.system"])
+def test_a_crafted_checkpoint_runs_no_code(cifar_root, tmp_path, how):
+    """The os.system payload was refused as "not a readable checkpoint ... cut short" (torch
+    words a blocked module's global differently), which did not say why."""
     marker = str(tmp_path / "code-ran")
     path = str(tmp_path / "crafted.pt")
-    torch.save({"epoch": 1, "args": Payload(marker)}, path)
+    torch.save({"epoch": 1, "args": Payload(marker, how)}, path)
     with open(path, "rb") as f:
         crafted = f.read()
     planted = plant(str(tmp_path / "run"), crafted)

@@ -42,7 +42,9 @@ def load_checkpoint(path: str, device: torch.device) -> dict:
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
-        refused = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), None)
+        # torch names a refused global as "Unsupported global: GLOBAL io.open was not an allowed
+        # global" or, for a blocked module, "unsupported GLOBAL posix.system whose module posix is blocked".
+        refused = next((line.strip() for line in str(exc).splitlines() if "unsupported global" in line.lower()), None)
         if refused is None:  # not a pickle of ours at all: random bytes, say
             raise SystemExit(f"--resume: {path} is not a readable checkpoint (UnpicklingError: "
                              f"{str(exc).strip().splitlines()[-1][:200]}); {advice}") from None
