@@ -24,7 +24,8 @@ def check_threshold(threshold) -> None:
     # NaN or <= 0 made no class tail (ImbSAM became SGD in silence); inf made every class tail.
     value = _real("threshold", threshold)
     if not (0 < value < float("inf")):
-        raise ValueError(f"threshold must be a finite number > 0 (a class with fewer samples is tail), got {threshold!r}")
+        raise ValueError(f"threshold must be a finite number > 0 (a class with fewer samples is tail), got "
+                         f"{threshold!r}")
 
 
 def check_tail_weight(tail_weight) -> None:

@@ -268,3 +268,18 @@ def test_emulated_cuda_kernel_with_300_tensors_a_tensor_lr_and_found_inf():
     skipped = x.copy().run(emu, "adamw-amsgrad", found_inf=torch.ones(()), **lr)
     assert all(torch.equal(a, b) for a, b in zip(skipped.w + skipped.m + skipped.steps, x.b + x.m + x.steps))
 
+
+
+@pytest.mark.skipif("cpp" not in imbsam.available_backends(), reason="needs imbsam._C")
+def test_the_agreement_docs_semantics_quotes_holds(tmp_path):
+    """scripts/adam_agreement.py, whose committed numbers docs/semantics.md quotes: most fp32
+    weights bitwise equal to torch's step, and no larger error against float64 than torch's."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("adam_agreement", os.path.join(root, "scripts", "adam_agreement.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for row in script.main(["--out", str(tmp_path / "agreement.json")])["rows"]:
+        assert row["share_bitwise_equal"] > 0.99, row
+        assert row["max_abs_err_fused_vs_fp64"] <= 1.01 * row["max_abs_err_torch_vs_fp64"], row

@@ -44,8 +44,8 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1, how: str = "on
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if how in SCALED else None
     if how == "ddp scaler before sync":
         imbsam.use_grad_scaler(opt, scaler)
-    if (how in ("ddp", "ddp bucket views", "ddp local", "ddp no_sync", "ddp scaler before sync", "ddp scaler after sync")
-            or how in ACCUMULATING) and kind != "sgd":
+    synced = ("ddp", "ddp bucket views", "ddp local", "ddp no_sync", "ddp scaler before sync", "ddp scaler after sync")
+    if (how in synced or how in ACCUMULATING) and kind != "sgd":
         imbsam.sync_data_parallel(opt, net, perturbation="local" if how == "ddp local" else "global")
     if how in ("ddp scaler after sync", "one process scaler"):
         imbsam.use_grad_scaler(opt, scaler)

@@ -265,3 +265,87 @@ def test_compile_with_cuda_graph_is_refused_before_anything_is_written(cifar_roo
     with pytest.raises(SystemExit, match="--compile inductor: not together with --cuda-graph"):
         main(args(cifar_root, str(out), "--opt", "imbsam", "--compile", "--cuda-graph"))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("bad,says", [
+    (["--momentum", "5"], r"--momentum must be in \[0, 1\)"),
+    (["--weight-decay", "1e10"], r"--lr x --weight-decay must be < 1 .* = 1e\+08"),
+    (["--lr", "1e6"], r"--lr x --weight-decay must be < 1"),
+    (["--device", "meta"], "--device meta: allowed are auto, cpu, cuda and cuda:N"),
+    (["--device", "gpu"], "--device gpu: allowed are auto, cpu, cuda and cuda:N")])
+def test_options_outside_what_the_method_admits_are_refused_before_anything_is_loaded(cifar_root, tmp_path, bad,
+                                                                                     says, monkeypatch):
+    """Each used to train to a NaN or 1e31 loss and exit 0 (or, --device meta, a traceback)."""
+    run_module = sys.modules["imbsam.train.run"]
+    monkeypatch.setattr(run_module, "load_dataset", lambda *a, **k: pytest.fail("the data was loaded first"))
+    with pytest.raises(SystemExit, match=says):
+        main(args(cifar_root, str(tmp_path / "run"), "--opt", "sam", *bad))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_imbalance_that_leaves_a_class_without_images_is_refused(cifar_root, tmp_path):
+    with pytest.raises(SystemExit, match=r"imb_factor must be at most 24 here .* got 1e\+09"):
+        main(args(cifar_root, str(tmp_path / "run"), "--opt", "sgd", "--imb-factor", "1e9"))
+
+
+def test_a_diverging_run_stops_with_an_error_and_writes_no_metrics(cifar_root, tmp_path):
+    """--rho 1e300 used to train to a NaN loss, write metrics and exit 0."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"stopped in epoch 1: the training loss is nan, so training diverged.*"
+                                         r"--allow-divergence"):
+        main(args(cifar_root, str(out), "--opt", "imbsam", "--rho", "1e300", "--lr-schedule", "torch"))
+    assert not (out / "metrics.json").exists() and not (out / "checkpoint.pt").exists()
+    assert "the training loss is nan" in (out / "train.log").read_text()
+
+
+@pytest.mark.parametrize("loss", [float("nan"), 1e31])
+def test_divergence_keeps_the_last_sound_checkpoint_unless_allowed(cifar_root, tmp_path, monkeypatch, loss):
+    run_module = sys.modules["imbsam.train.run"]
+    real = run_module.train_epoch
+    epochs = []
+
+    def second_diverges(*a, **k):
+        stats = real(*a, **k)
+        epochs.append(1)
+        return dict(stats, train_loss=loss) if len(epochs) == 2 else stats
+    monkeypatch.setattr(run_module, "train_epoch", second_diverges)
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match="stopped in epoch 2: the training loss is"):
+        main(args(cifar_root, out, "--opt", "sgd", "--epochs", "3"))
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 1
+    epochs.clear()
+    allowed = str(tmp_path / "allowed")
+    assert main(args(cifar_root, allowed, "--opt", "sgd", "--epochs", "3", "--allow-divergence"))["epochs"] == 3
+
+
+def test_without_matplotlib_a_run_and_the_table_warn_and_succeed(cifar_root, tmp_path, monkeypatch, capsys):
+    """Without matplotlib the trainer trained every epoch and then exited 1 in the plot."""
+    from imbsam.train import report, table
+
+    def no_matplotlib():
+        raise ImportError("No module named 'matplotlib'")
+    monkeypatch.setattr(report, "_pyplot", no_matplotlib)
+    out = tmp_path / "run"
+    assert main(args(cifar_root, str(out), "--opt", "sgd", "--epochs", "1"))["epochs"] == 1
+    assert (out / "metrics.json").exists() and not list(out.glob("*.png"))
+    log = (out / "train.log").read_text()
+    assert log.count("warning: matplotlib cannot be imported") == 2  # before the training, and at its end
+    capsys.readouterr()
+    table.main([str(out), "--plot", str(tmp_path / "comparison.png")])
+    captured = capsys.readouterr()
+    assert "Many  Medium    Few    All" in captured.out and "matplotlib cannot be imported" in captured.err
+    assert not (tmp_path / "comparison.png").exists()
+
+
+def test_the_comparison_of_one_epoch_runs_draws_their_points(tmp_path, monkeypatch):
+    """One-point lines are not drawn: the accuracy-per-epoch panel of DEMO_EPOCHS=1 was empty."""
+    from imbsam.train import report
+
+    plt, figures = report._pyplot(), []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at
+    m = dict(counts=[100, 10, 1], per_class=[90.0, 50.0, 10.0], all=50.0, few=10.0)
+    report.plot_comparison([("sgd", m, [dict(epoch=1, all=50.0, few=10.0)])], "one epoch", str(tmp_path / "c.png"))
+    per_epoch = figures[0].axes[1]
+    assert len(per_epoch.lines) == 2
+    for line in per_epoch.lines:  # All and Few, one point each: visible only as a marker
+        assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "None", "", " ")

@@ -84,10 +84,9 @@ class GradScalerPhases:
         users = self._users_unscale()
         if users is not None:  # the user's unscale_ has unscaled these gradients and checked them
             self._used_unscale = users
-            flags = [f.to(device=device, dtype=torch.float32).reshape(()) for f in users["found_inf_per_device"].values()]
             found = torch.zeros((), dtype=torch.float32, device=device)
-            for flag in flags:
-                found = torch.maximum(found, flag)
+            for flag in users["found_inf_per_device"].values():
+                found = torch.maximum(found, flag.to(device=device, dtype=torch.float32).reshape(()))
         else:
             # The scaler's scale, read on the device (scale() multiplies by it: no host sync),
             # inverted in fp64 as GradScaler.unscale_ does.

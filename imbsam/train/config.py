@@ -87,6 +87,10 @@ def parser() -> argparse.ArgumentParser:
                    help="write OUT/checkpoint.pt every N epochs (and always after the last one and when stopping "
                         "early); a ResNet-34 checkpoint is ~170 MB")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
+    t.add_argument("--allow-divergence", action="store_true",
+                   help="go on when an epoch's training loss is not finite or over 100 x ln(classes), or a weight "
+                        "is not finite (by default the run stops there with an error, keeping the last checkpoint, "
+                        "of a sound epoch)")
     return ap
 
 
@@ -111,3 +115,10 @@ def validate(args: argparse.Namespace) -> None:
         if not math.isfinite(value) or value < low or (value == low and not inclusive):
             relation = ">=" if inclusive else ">"
             raise SystemExit(f"{option} must be a finite number {relation} {low:g}, got {value!r}")
+    # Heavy-ball momentum sums past gradients with weights momentum^k: from 1 on they never fade.
+    if args.momentum >= 1:
+        raise SystemExit(f"--momentum must be in [0, 1) (the paper's is 0.9), got {args.momentum!r}")
+    # Each step multiplies the weights by 1 - lr * weight_decay: from 1 on it flips their sign.
+    if args.lr * args.weight_decay >= 1:
+        raise SystemExit(f"--lr x --weight-decay must be < 1 (each step scales the weights by 1 - lr x weight "
+                         f"decay), got {args.lr:g} x {args.weight_decay:g} = {args.lr * args.weight_decay:g}")

@@ -17,6 +17,17 @@ def format_table(rows: list[tuple[str, dict]], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def plotting_unavailable() -> str | None:
+    """Why no plot can be drawn here (matplotlib missing or broken), or None. Asked before a
+    run trains, so that a missing matplotlib costs a warning, not the run's exit status."""
+    try:
+        _pyplot()
+    except Exception as exc:  # ImportError, or a broken install failing anywhere in its import
+        return (f"matplotlib cannot be imported ({type(exc).__name__}: {exc}); the plots are skipped "
+                "(pip install matplotlib, then python -m imbsam.train.table RUN... --plot FILE draws them)")
+    return None
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
@@ -86,8 +97,10 @@ def plot_comparison(runs: list[tuple[str, dict, list[dict]]], title: str, path: 
                     color=colour, alpha=0.85, label=f"{label}: All {m['all']:.1f}, Few {m['few']:.1f}")
         tested = [h for h in history if "all" in h]
         epochs = [h["epoch"] for h in tested]
-        ax_ep.plot(epochs, [h["all"] for h in tested], color=colour, label=f"{label} All")
-        ax_ep.plot(epochs, [h["few"] for h in tested], color=colour, ls="--", label=f"{label} Few")
+        # Markers: a run of one epoch has one point a line alone would not draw.
+        ax_ep.plot(epochs, [h["all"] for h in tested], color=colour, marker="o", ms=4, label=f"{label} All")
+        ax_ep.plot(epochs, [h["few"] for h in tested], color=colour, ls="--", marker="s", ms=4,
+                   label=f"{label} Few")
     ax_cls.set_xscale("log")
     ax_cls.set_xlabel("training images of the class")
     ax_cls.set_ylabel("test accuracy (%), final epoch")
@@ -130,6 +143,9 @@ def plot_seeds(groups, title: str, path: str) -> None:
 
 
 def save_plots(metrics: dict, history: list[dict], out: str) -> list[str]:
+    """The run's two plots in ``out``; none (an empty list) where matplotlib cannot be imported."""
+    if plotting_unavailable():
+        return []
     title = f"{metrics['dataset']} (IF {metrics['imb_factor']:g}), {metrics['model']}, {metrics['opt']}"
     paths = [os.path.join(out, "per_class_accuracy.png"), os.path.join(out, "training_curves.png")]
     plot_per_class(metrics["per_class"], metrics["counts"], metrics["groups"], title, paths[0])

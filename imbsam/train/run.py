@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ from imbsam.train.distributed import (
 )
 from imbsam.train.loop import group_accuracy, per_class_accuracy, train_epoch
 from imbsam.train.models import build_model
-from imbsam.train.report import format_table, save_plots
+from imbsam.train.report import format_table, plotting_unavailable, save_plots
 from imbsam.train.schedule import cosine_schedule
 from imbsam.train.step import GraphedStep, make_step
 
@@ -51,13 +52,41 @@ class Log:
             f.write(msg + "\n")
 
 
+# Where the trainer runs: the CPU, or a CUDA device (its kernels, graphs and timing are CUDA's).
+DEVICE_TYPES = ("cpu", "cuda")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise SystemExit(f"--device {name}: allowed are auto, cpu, cuda and cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: no CUDA device is visible")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+# An epoch's mean training loss above this many times ln(C), a uniform guess's cross-entropy,
+# means logits hundreds apart: a diverged run (a sound one starts near ln(C) and falls;
+# overshoots at a high lr stay within ~10 times it).
+DIVERGED_LOSS_OVER_UNIFORM = 100
+
+
+def divergence(stats: dict, model: torch.nn.Module, num_classes: int) -> str | None:
+    """How an epoch shows that training diverged (its mean loss not finite or far above a
+    uniform guess's, or a weight not finite), or None."""
+    loss, limit = stats["train_loss"], DIVERGED_LOSS_OVER_UNIFORM * math.log(max(num_classes, 2))
+    if not math.isfinite(loss) or loss > limit:
+        return f"the training loss is {loss:.4g}" + ("" if not math.isfinite(loss) else
+                                                     f", over {DIVERGED_LOSS_OVER_UNIFORM} x ln({num_classes})")
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    return f"weights are not finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else None
 
 
 def build_optimizer(args, model, device):
@@ -153,6 +182,9 @@ def _run(args: argparse.Namespace, started: float, ranks, device: torch.device) 
                          "--out, or remove that folder to start afresh")
     barrier(ranks)  # every rank has checked the folder before rank 0 writes to it
     log = Log(log_path, silent=not ranks.main)
+    no_plots = plotting_unavailable()
+    if no_plots:  # said before the training, so that nobody waits for plots that will not come
+        log(f"warning: {no_plots}")
 
     try:
         data = load_dataset(args.dataset, args.data_root, args.imb_factor, download=not args.no_download,
@@ -225,6 +257,12 @@ def _run(args: argparse.Namespace, started: float, ranks, device: torch.device) 
                                            sum_over_ranks=lambda t: sum_over_ranks(ranks, t))
             record.update(group_accuracy(per_class, groups), per_class=[round(float(a), 2) for a in per_class])
         record["epoch_s"] = time.perf_counter() - t0
+        diverged = None if args.allow_divergence else divergence(stats, model, data.num_classes)
+        if diverged:  # before this epoch's checkpoint: the last one written is of a sound epoch
+            log(f"epoch {epoch + 1:3d}/{args.epochs}: {diverged}")
+            raise SystemExit(f"stopped in epoch {epoch + 1}: {diverged}, so training diverged (a smaller --lr or --rho "
+                             f"may help); {ckpt_path} holds the last sound epoch, if one ended; "
+                             "--allow-divergence goes on instead")
         wall += record["epoch_s"]
         history.append(record)
         tested = (f" | test many {record['many']:.1f} medium {record['medium']:.1f} few {record['few']:.1f} "
@@ -271,8 +309,10 @@ def finish(args, data, counts, groups, history, wall, device, backend, log, rank
         return metrics
     write_json(os.path.join(args.out, "metrics.json"), metrics)
     plots = save_plots(metrics, history, args.out)
+    if not plots:
+        log(f"warning: {plotting_unavailable()}")
     log(format_table([(f"{args.opt}, final epoch {final['epoch']}", final),
                       (f"{args.opt}, best epoch {best['epoch']} (selected on test)", best)],
                      title=f"{data.name} (IF {args.imb_factor:g}), {args.model}, test accuracy (%)"))
-    log(f"wrote {os.path.join(args.out, 'metrics.json')}, {', '.join(plots)} ({wall:.0f} s of training)")
+    log(f"wrote {', '.join([os.path.join(args.out, 'metrics.json'), *plots])} ({wall:.0f} s of training)")
     return metrics

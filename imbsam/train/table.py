@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
-from imbsam.train.report import format_table, plot_comparison, plot_seeds
+from imbsam.train.report import format_table, plot_comparison, plot_seeds, plotting_unavailable
 from imbsam.train.seeds import format_seed_table, group_by_recipe, seed_of
 
 
@@ -45,6 +46,10 @@ def main(argv=None):
     if any(len(g.runs) > 1 for g in groups):
         print()
         print(format_seed_table(groups, title=f"{setting}, per optimizer over seeds, final epoch (%)"))
+    no_plots = plotting_unavailable() if (args.plot or args.plot_seeds) else None
+    if no_plots:  # the tables are printed; a missing plotting library is not a failed comparison
+        print(f"warning: {no_plots}", file=sys.stderr)
+        return
     if args.plot:
         plot_comparison(runs, f"{setting}, {first['epochs']} epochs, on {first['device']}", args.plot)
         print(f"wrote {args.plot}")

@@ -19,6 +19,9 @@ def long_tail_counts(n_max: int, num_classes: int, imb_factor: float) -> list[in
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if num_classes == 1:
         return [n_max]
+    if imb_factor > n_max:  # the smallest class would have no training image
+        raise ValueError(f"imb_factor must be at most {n_max} here (the largest class's {n_max} images over the "
+                         f"smallest's, which needs one at least), got {imb_factor:g}")
     return [int(n_max * (1.0 / imb_factor) ** (c / (num_classes - 1))) for c in range(num_classes)]
 
 
