@@ -88,7 +88,8 @@ class SharpnessEngine:
         # The gradients a phase left in .grad, with their versions (see leave_grads).
         self._left: Optional[list] = None
         self.phase_hooks: OrderedDict[int, Callable] = OrderedDict()
-        # The helpers attached through phase hooks, by kind ("grad_scaler"): one of each.
+        # The helpers attached through phase hooks, by kind ("grad_scaler"): one of each; abandon()
+        # calls their abandoned().
         self.helpers: dict[str, object] = {}
         # The user-facing name of each phase, for errors: SAM's two, or ImbSAM's three with "head".
         self.phase_names = phase_names or SAM_PHASES
@@ -343,6 +344,8 @@ class SharpnessEngine:
         self._perturbed, self.head_grads, self._step_norm = {}, {}, None
         self._head_norm = None
         self.phase = "idle"
+        for helper in self.helpers.values():  # what they kept of the step goes with it
+            helper.abandoned()
 
     @torch.no_grad()
     def restore_and_step(self, with_head: bool, found_inf: Optional[Tensor] = None) -> None:

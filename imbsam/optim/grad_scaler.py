@@ -79,6 +79,8 @@ class GradScalerPhases:
     def _before_phase(self, phase: str, params: list, grads: list) -> None:
         if not self._scaler.is_enabled() or not grads:
             return
+        if self._engine.phase == "idle":  # a step begins: an abandoned one's flag is not this one's
+            self._found = None
         self._check_scaled(phase)
         device = grads[0].device
         users = self._users_unscale()
@@ -113,6 +115,16 @@ class GradScalerPhases:
         param.grad = flag.reshape(1)
         self._stand_in.param_groups[0]["params"] = [param]
         self._scaler.unscale_(self._stand_in)
+
+    def abandoned(self) -> None:
+        """The step was abandoned (``abandon_step()``): an ``unscale_`` of the user's in it, or
+        the one ``scaler.step(optimizer)`` ran before it was refused, unscaled gradients that
+        no phase will read; the next step's must not be taken for unscaled by it."""
+        self._found = None
+        states = getattr(self._scaler, "_per_optimizer_states", None)
+        state = states.get(id(self._optimizer)) if states is not None else None
+        if state is not None and state.get("stage") is OptState.UNSCALED:
+            self._used_unscale = state
 
     def remove(self) -> None:
         self._handle.remove()
