@@ -80,3 +80,18 @@ def batches():
     gen = torch.Generator().manual_seed(1)
     return [(torch.randn(8, 6, generator=gen), torch.randint(0, len(COUNTS), (8,), generator=gen))
             for _ in range(STEPS)]
+
+
+def scaled_imbsam_step(net, opt, split, scaler, overflow_tail=lambda: False):
+    """ImbSAM's phases with every loss scaled by ``scaler`` (``use_grad_scaler`` registered),
+    then ``scaler.update()``; the tail gradient overflows when ``overflow_tail()`` says so."""
+    def step(x, y):
+        head, tail = split(net(x), y)
+        scaler.scale(head).backward(retain_graph=True)
+        opt.first_step()
+        scaler.scale(tail * (float("inf") if overflow_tail() else 1.0)).backward()
+        opt.second_step()
+        scaler.scale(split(net(x), y)[1]).backward()
+        opt.third_step()
+        scaler.update()
+    return step

@@ -307,3 +307,83 @@ def test_compile_step_under_a_per_step_scheduler_names_the_tensor_lr_and_trains_
         run(0.1)
     torch._dynamo.reset()
     assert all(torch.isfinite(p).all() for p in run(torch.tensor(0.1)).parameters())
+
+
+def train_with_helper(method: str, helper: str, compiled: bool):
+    """Three steps of a small BatchNorm CNN (a BN-free one for accumulation), the model
+    compiled with aot_eager (ImbSAM's through retain_graph_backend) or not, under one helper:
+    "grad scaler" (use_grad_scaler, losses scaled), "accumulation" (2 micro-batches, by
+    accumulation_recipes.py) or "frozen bn stats" (frozen_running_stats at w + e)."""
+    from accumulation_recipes import RECIPES
+    from imbsam.train.step import make_step
+    from test_accumulation import COUNTS, cnn_without_batchnorm
+
+    from models import batches, small_cnn
+
+    model = cnn_without_batchnorm() if helper == "accumulation" else small_cnn()
+    cls = imbsam.ImbSAM if method == "imbsam" else imbsam.SAM
+    opt = cls(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    torch._dynamo.reset()
+    backend = imbsam.retain_graph_backend("aot_eager") if method == "imbsam" else "aot_eager"
+    net = torch.compile(model, backend=backend) if compiled else model
+    split = imbsam.HeadTailLoss(COUNTS)
+    if helper == "grad scaler":
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=10 ** 6)
+        imbsam.use_grad_scaler(opt, scaler)
+        if method == "imbsam":
+            def step(x, y):
+                opt.step(lambda: split(net(x), y))  # step(closure) scales ImbSAM's losses itself
+                opt.zero_grad()
+                scaler.update()
+        else:
+            def step(x, y):
+                def closure():
+                    loss = torch.nn.functional.cross_entropy(net(x), y)
+                    scaler.scale(loss).backward()
+                    return loss
+                opt.step(closure)
+                opt.zero_grad()
+                scaler.update()
+    elif helper == "accumulation":
+        recipe = RECIPES["imbsam-graph-by-graph" if method == "imbsam" else "sam"][1]
+
+        def step(x, y):
+            recipe(net, list(model.parameters()), opt, split, x, y, 2)
+    else:
+        step = make_step(method, net, opt, split, perturbed_bn_stats="keep")
+    for x, y in batches(3, seed=4):
+        step(x, y)
+    return [p.detach().clone() for p in model.parameters()] + [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("helper", ["grad scaler", "accumulation", "frozen bn stats"])
+@pytest.mark.parametrize("method", ["sam", "imbsam"])
+def test_a_compiled_model_under_each_helper_trains_as_the_eager_one(method, helper):
+    assert max_err(train_with_helper(method, helper, compiled=True), train_with_helper(method, helper, False)) < 1e-5
+
+
+@pytest.mark.skipif(not (TRACES_BACKWARD and COMPILES_MUTABLE_LISTS),
+                    reason="this torch cannot trace backward() or the ops into a graph")
+def test_compile_step_with_graph_breaks_and_a_grad_scaler_trains_as_eager():
+    """With fullgraph=True torch itself refuses: it does not trace GradScaler.scale (its error
+    says so); with fullgraph=False the step trains as eager."""
+    from models import batches, small_cnn
+
+    def run(compiled):
+        model = small_cnn()
+        opt = imbsam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend="cpp")
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=10 ** 6)
+        imbsam.use_grad_scaler(opt, scaler)
+
+        def step(x, y):
+            scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+            opt.first_step()
+            scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+            opt.second_step()
+        torch._dynamo.reset()
+        step = imbsam.compile_step(step, backend="aot_eager", fullgraph=False) if compiled else step
+        for x, y in batches(3, seed=4):
+            step(x, y)
+            scaler.update()
+        return [p.detach().clone() for p in model.parameters()]
+    assert max_err(run(True), run(False)) < 1e-5

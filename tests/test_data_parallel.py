@@ -16,7 +16,7 @@ import imbsam
 from imbsam.train.step import make_step
 
 from accumulation_recipes import RECIPES
-from ranks import COUNTS, KW, STEPS, WORLD, batches, mlp, needs_gloo, run_ranks
+from ranks import COUNTS, KW, STEPS, WORLD, batches, mlp, needs_gloo, run_ranks, scaled_imbsam_step
 
 BACKENDS = [b for b in ("reference", "cpp") if b in imbsam.available_backends()]
 KINDS = ("sgd", "sam", "asam", "imbsam", "compat imbsam")
@@ -70,18 +70,14 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1, how: str = "on
                     with net.no_sync():
                         (torch.nn.functional.cross_entropy(net(xs), ys) / 2).backward()
                 phase(zero_grad=True)
-    if scaler is not None:  # ImbSAM's phases with scaled losses; the second step's tail gradient
-        def step(x, y):  # overflows on the last rank only: the one imbsam, not DDP, averages
-            head, tail = split(net(x), y)
-            scaler.scale(head).backward(retain_graph=True)
-            opt.first_step()
-            scaler.scale(tail * (float("inf") if len(steps_taken) == 1 and rank == world - 1 else 1.0)).backward()
-            opt.second_step()
-            scaler.scale(split(net(x), y)[1]).backward()
-            opt.third_step()
-            scaler.update()
-            steps_taken.append(1)
     steps_taken = []
+    if scaler is not None:  # the second step's tail gradient overflows on the last rank only: the
+        scaled = scaled_imbsam_step(net, opt, split, scaler,  # one imbsam, not DDP, averages
+                                    overflow_tail=lambda: len(steps_taken) == 1 and rank == world - 1)
+
+        def step(x, y):
+            scaled(x, y)
+            steps_taken.append(1)
     for x, y in batches():
         step(x[rank::world], y[rank::world])  # each rank's mean loss; their average is the whole batch's
     base = opt if kind == "sgd" else opt.optimizer if kind == "compat imbsam" else opt.base_optimizer

@@ -10,14 +10,15 @@ import torch
 import imbsam
 from imbsam.train.step import make_step
 
-from ranks import COUNTS, KW, WORLD, batches, mlp, needs_gloo, run_ranks
+from ranks import COUNTS, KW, WORLD, batches, mlp, needs_gloo, run_ranks, scaled_imbsam_step
 
 try:
     from torch.distributed.fsdp import fully_shard
 except ImportError:  # torch < 2.6 keeps it under its composable API, whose CPU use (2.4.1 seen)
     fully_shard = None  # creates CUDA streams and fails without a GPU: not testable here
 
-KINDS = ("sam", "asam", "imbsam", "imbsam-adamw")  # the last: the fused Adam(W) step on the shards
+# imbsam-adamw: the fused Adam(W) step on the shards; imbsam-scaled: with use_grad_scaler.
+KINDS = ("sam", "asam", "imbsam", "imbsam-adamw", "imbsam-scaled")
 BACKENDS = imbsam.backends.backends_for("cpu")  # the triton backend under its interpreter too
 
 
@@ -35,13 +36,18 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1) -> dict:
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    if kind == "imbsam":
+    if kind in ("imbsam", "imbsam-scaled"):
         opt = imbsam.ImbSAM(model.parameters(), torch.optim.SGD, rho=0.5, backend=backend, **KW)
     elif kind == "imbsam-adamw":
         opt = imbsam.ImbSAM(model.parameters(), torch.optim.AdamW, rho=0.5, backend=backend, lr=1e-2, amsgrad=True)
     else:
         opt = imbsam.SAM(model.parameters(), torch.optim.SGD, rho=0.5, adaptive=kind == "asam", backend=backend, **KW)
-    step = make_step("imbsam" if kind.startswith("imbsam") else "sam", model, opt, imbsam.HeadTailLoss(COUNTS))
+    split = imbsam.HeadTailLoss(COUNTS)
+    step = make_step("imbsam" if kind.startswith("imbsam") else "sam", model, opt, split)
+    if kind == "imbsam-scaled":
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=10 ** 6)
+        imbsam.use_grad_scaler(opt, scaler)
+        step = scaled_imbsam_step(model, opt, split, scaler)
     for x, y in batches():
         step(x[rank::world], y[rank::world])
     state = "exp_avg_sq" if kind.endswith("adamw") else "momentum_buffer"
