@@ -140,8 +140,9 @@ def compile_step(step: Callable, backend: Union[str, Backend] = "inductor", full
 
         step = imbsam.compile_step(step)          # e.g. imbsam.train.step.make_step(...)
 
-    With ``fullgraph=True`` (the default) anything dynamo cannot put in the graph is an
-    error at the first call, not a silent graph break. The optimizer's step must be fused
+    Anything dynamo cannot put in the one graph is an error at the first call, not a silent
+    graph break (``fullgraph=False`` is refused: use ``torch.compile(step)`` for a step with
+    graph breaks, a GradScaler's for one). The optimizer's step must be fused
     (``torch.optim.SGD``, ``Adam`` or ``AdamW`` on cpp, cuda or triton): any other is
     refused at the first phase, before anything is written, naming it. Give the base
     optimizer a tensor ``lr`` (``lr=torch.tensor(0.1)``; LR schedulers update it in
@@ -152,6 +153,13 @@ def compile_step(step: Callable, backend: Union[str, Backend] = "inductor", full
                            "torch.compile(step) with graph breaks")
     if not callable(step):
         raise TypeError(f"compile_step() takes the step function to compile, got {type(step).__name__}")
+    # Traced with graph breaks and backward() tracing on, dynamo (torch 2.14.1) failed inside
+    # the phases ("'forward' not in cell_and_freevars") once other steps had been compiled in
+    # the process, and later compiles failed too: one graph or plain torch.compile(step).
+    if fullgraph is not True:
+        raise ValueError("imbsam.compile_step compiles a whole step into one graph (fullgraph=True); for a step "
+                         "with graph breaks (a GradScaler's, another base optimizer's) use torch.compile(step), "
+                         "which trains as eager")
     compiled = torch.compile(step, fullgraph=fullgraph, backend=backend, **compile_kwargs)
 
     @functools.wraps(step)

@@ -76,6 +76,10 @@ class GradScalerPhases:
         if phase == "step":
             self._scale_calls_seen = calls
 
+    # Not traced by dynamo: host-side bookkeeping around one foreach op, and GradScaler's own
+    # methods are marked untraceable; traced with graph breaks, dynamo (2.14.1) failed on it
+    # after other compiled tests ("'forward' not in cell_and_freevars").
+    @torch.compiler.disable
     def _before_phase(self, phase: str, params: list, grads: list) -> None:
         if not self._scaler.is_enabled() or not grads:
             return
