@@ -38,9 +38,20 @@ inline std::vector<Chunk> make_chunks(at::TensorList ts) {
   return chunks;
 }
 
+// Below this many elements in a whole list the chunks run on the calling thread: waking
+// the pool and meeting at its barrier costs more than the work (tens of microseconds, and
+// milliseconds when another process has descheduled a worker), as torch's own elementwise
+// ops stay serial below their grain (at::internal::GRAIN_SIZE, 32 Ki elements per op).
+constexpr int64_t kSerialBelowElems = 1 << 18;
+
 template <typename F>
 void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  int64_t elems = 0;
+  for (const Chunk& c : chunks) elems += c.end - c.begin;
+  // A grain of every chunk keeps at::parallel_for on this thread.
+  const int64_t grain = elems < kSerialBelowElems ? std::max<int64_t>(n, 1) : 1;
+  at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) f(i, chunks[i]);
   });
 }
