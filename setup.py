@@ -2,6 +2,8 @@
 
 Environment switches:
   IMBSAM_BUILD_CUDA=0   skip the CUDA kernels (fast local loops); =1 require them.
+  IMBSAM_BUILD_EXT=0    no compiled library at all (no C++ compiler here): the package
+                        installs with the reference and triton backends only.
   TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default: the visible GPUs', else
                         RELEASE_ARCHS below; scripts/quickstart.sh builds 9.0+PTX alone
                         on a machine without a GPU, which is all its tests read).
@@ -11,8 +13,11 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import shlex
 import subprocess
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -40,22 +45,89 @@ except ImportError:  # an isolated build environment: it cannot hold the torch i
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
-def _want_cuda() -> bool:
-    switch = os.environ.get("IMBSAM_BUILD_CUDA", "auto").lower()
-    possible = torch.version.cuda is not None and CUDA_HOME is not None
-    if switch in ("0", "false", "no", "off"):
+def _switch(name: str) -> str:
+    """An on/off/auto environment switch, as "0", "1" or "auto"."""
+    value = os.environ.get(name, "auto").lower()
+    for meaning, spellings in (("0", ("0", "false", "no", "off")), ("1", ("1", "true", "yes", "on")),
+                               ("auto", ("auto", ""))):
+        if value in spellings:
+            return meaning
+    sys.exit(f"{name}={value!r}: use 0, 1 or auto")
+
+
+def nvcc_version(cuda_home: str | None) -> str | None:
+    """The toolkit's release ("13.0"), from ``nvcc --version``; None if it cannot be run."""
+    if cuda_home is None:
+        return None
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
+def cuda_build_problem(torch_cuda: str | None, cuda_home: str | None) -> str | None:
+    """Why the CUDA kernels cannot be built here, or None. torch refuses a toolkit whose
+    major version differs from its own CUDA's, after a long compile log; said here first."""
+    if torch_cuda is None:
+        return "this torch is a CPU-only build (torch.version.cuda is None)"
+    if cuda_home is None:
+        return "no CUDA toolkit was found (nvcc in CUDA_HOME, on PATH or in /usr/local/cuda*)"
+    found = nvcc_version(cuda_home)
+    if found is None:
+        return f"{os.path.join(cuda_home, 'bin', 'nvcc')} --version does not run or does not say its release"
+    if found.split(".")[0] != torch_cuda.split(".")[0]:
+        return (f"the CUDA toolkit in {cuda_home} is {found}, but this torch was built with CUDA {torch_cuda}: "
+                "their major versions must match")
+    return None
+
+
+def want_cuda(switch: str, problem: str | None) -> bool:
+    """Whether to build the CUDA kernels, from IMBSAM_BUILD_CUDA and what stands in the way."""
+    if switch == "0":
         return False
-    if switch in ("1", "true", "yes", "on"):
-        if not possible:
-            sys.exit(
-                "IMBSAM_BUILD_CUDA=1 but the CUDA build is impossible: "
-                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}. "
-                "Install a CUDA build of torch and the CUDA toolkit (nvcc), or set IMBSAM_BUILD_CUDA=0."
-            )
+    if problem is None:
         return True
-    if switch != "auto":
-        sys.exit(f"IMBSAM_BUILD_CUDA={switch!r}: use 0, 1 or auto")
-    return possible
+    if switch == "1":
+        sys.exit(f"imbsam: IMBSAM_BUILD_CUDA=1, but the CUDA kernels cannot be built: {problem}. Install a "
+                 "matching toolkit (CUDA_HOME=/usr/local/cuda-X.Y), or set IMBSAM_BUILD_CUDA=0 for the CPU kernels "
+                 "(the triton backend still runs on GPUs).")
+    print(f"imbsam: not building the CUDA kernels: {problem}. On a GPU the triton backend runs; for the cuda one, "
+          "install a matching toolkit (CUDA_HOME=/usr/local/cuda-X.Y) and rebuild.")
+    return False
+
+
+def compiler_problem(cxx: str) -> str | None:
+    """Why ``cxx`` cannot build imbsam._C's C++ (a C++17 program with OpenMP), or None."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\n#include <optional>\nint main() { std::optional<int> x = omp_get_max_threads();"
+                    " return *x > 0 ? 0 : 1; }\n")
+        try:
+            done = subprocess.run([*shlex.split(cxx), "-std=c++17", "-fopenmp", src, "-o", os.path.join(tmp, "probe")],
+                                  capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"the C++ compiler {cxx!r} does not run ({exc})"
+        if done.returncode != 0:
+            first = next((line for line in (done.stderr or done.stdout).splitlines() if line.strip()), "no output")
+            return f"the C++ compiler {cxx!r} cannot build a C++17 program with OpenMP: {first.strip()[:300]}"
+    return None
+
+
+class BuildImbsam(BuildExtension.with_options(use_ninja=True)):
+    """torch's build, after one check of the C++ compiler: without one that works, one
+    message and the switch that gets past it, not hundreds of lines of compiler errors."""
+
+    def run(self):
+        problem = compiler_problem(os.environ.get("CXX", "c++"))  # the compiler torch's ninja build uses
+        if problem:
+            sys.exit(f"imbsam: {problem}. imbsam._C needs a C++17 compiler with OpenMP (e.g. apt-get install g++). "
+                     "To install without it, with the reference and triton backends only: IMBSAM_BUILD_EXT=0 pip "
+                     "install --no-build-isolation .")
+        super().run()
 
 
 # A release build carries machine code for each GPU generation the toolkit supports from
@@ -121,7 +193,10 @@ def extensions():
         extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
-    if _want_cuda():
+    if _switch("IMBSAM_BUILD_EXT") == "0":
+        print("imbsam: IMBSAM_BUILD_EXT=0: no compiled library; the reference and triton backends only")
+        return []
+    if want_cuda(_switch("IMBSAM_BUILD_CUDA"), cuda_build_problem(torch.version.cuda, CUDA_HOME)):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list())
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         # --fmad=false: no fused multiply-adds in device code (-ffp-contract=off reaches only
@@ -136,16 +211,37 @@ def extensions():
     return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)]
 
 
-setup(
-    name="imbsam",
-    version="0.1.0",
-    description="Fused SAM / ASAM / ImbSAM optimizers for PyTorch with CPU, CUDA and Triton kernels",
-    packages=find_packages(include=["imbsam", "imbsam.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    # The optimizers need torch alone; the training pipeline (python -m imbsam.train, the
-    # ResNet-34 model, downloads, progress bars, plots) these too.
-    extras_require={"train": ["torchvision", "tqdm", "matplotlib"]},
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+def long_description() -> str:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import its checks
+    setup(
+        name="imbsam",
+        version="0.1.0",
+        description="Fused SAM / ASAM / ImbSAM optimizers for PyTorch with CPU, CUDA and Triton kernels",
+        long_description=long_description(),
+        long_description_content_type="text/markdown",
+        license="MIT",
+        license_files=["LICENSE"],
+        classifiers=[
+            "Development Status :: 3 - Alpha",
+            "Intended Audience :: Science/Research",
+            "Operating System :: POSIX :: Linux",
+            "Programming Language :: C++",
+            "Programming Language :: Python :: 3",
+            "Programming Language :: Python :: 3 :: Only",
+            "Environment :: GPU :: NVIDIA CUDA",
+            "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        ],
+        packages=find_packages(include=["imbsam", "imbsam.*"]),
+        include_package_data=False,  # the package's files are its .py modules and imbsam._C
+        python_requires=">=3.9",
+        install_requires=["torch>=2.4"],
+        # The optimizers need torch alone; the training pipeline (python -m imbsam.train, the
+        # ResNet-34 model, downloads, progress bars, plots) these too.
+        extras_require={"train": ["torchvision", "tqdm", "matplotlib"]},
+        ext_modules=extensions(),
+        cmdclass={"build_ext": BuildImbsam},
+    )
