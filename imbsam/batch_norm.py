@@ -28,6 +28,9 @@ def frozen_running_stats(model: torch.nn.Module) -> Iterator[None]:
     buffer itself is never written, not even its autograd version counter (the forward's
     backward saves the tensor it normalised with, so writing the buffer back in place
     would break that backward). On the device, with no host sync."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"frozen_running_stats() takes the model (a torch.nn.Module) whose normalisation layers "
+                        f"keep their statistics, got {type(model).__name__}")
     swapped = []
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):

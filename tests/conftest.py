@@ -14,6 +14,15 @@ if not torch.cuda.is_available():
 import imbsam  # noqa: E402
 from imbsam import backends  # noqa: E402
 
+# Under pytest-xdist (CI: two workers on two cores) each worker computes on one thread: two
+# workers with torch's default of one thread per core each made the trainer tests 20x
+# slower (OpenMP's threads waiting on each other's cores). OMP_NUM_THREADS reaches the
+# processes the tests start too. The cpp kernels' parallel split is tested with 1 and 2
+# threads explicitly (test_ops.py).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # GPU results compared bitwise or to rounding must not depend on cuDNN's choice of
 # algorithm or on TF32 (10-bit mantissas in fp32 convolutions and matmuls). Set here, at
 # conftest import, so that every process running tests has it: each pytest-xdist worker

@@ -68,3 +68,9 @@ def test_an_unknown_mode_is_refused():
     model = small_cnn()
     with pytest.raises(ValueError, match="perturbed_bn_stats='freeze'; allowed: update, keep"):
         make_step("sam", model, torch.optim.SGD(model.parameters(), lr=0.1), perturbed_bn_stats="freeze")
+
+
+def test_something_that_is_not_a_model_is_refused_by_name():
+    with pytest.raises(TypeError, match=r"takes the model \(a torch.nn.Module\).*got Tensor"):
+        with imbsam.frozen_running_stats(torch.zeros(3)):
+            pass

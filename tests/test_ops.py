@@ -228,3 +228,31 @@ def test_misaligned_tensors_beside_aligned_ones(backend, device, ops, dtype):
     # A few roundings of the values' scale (|w| and |buf| stay below about 6 here).
     tol = 4 * torch.finfo(tol_dtype(backend, dtype)).eps * 6
     assert max_err(fast_w, ref_w) <= tol and max_err(fast_buf, ref_buf) <= tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_results_do_not_depend_on_the_thread_count(backend, device, ops, dtype):
+    """The cpp kernels split a list into fixed chunks and spread them over the threads (a
+    list under 256 Ki elements runs on the calling thread): 1 thread and 2 give the same
+    bits, the norm included. CI's workers run one thread each; this test runs both counts."""
+    if backend != "cpp":
+        pytest.skip("the thread count is the cpp backend's")
+    sizes = [300001, 65537, 7, 0, 200000]  # over the serial threshold, several chunks per tensor
+
+    def run():
+        ps, gs, bs = make(sizes, dtype, device, 21), make(sizes, dtype, device, 22), make(sizes, dtype, device, 23)
+        heads, bufs = make(sizes, dtype, device, 24), make(sizes, dtype, device, 25)
+        norm = ops.grad_norm(gs, [], [], 0.01)
+        ops.perturb_(ps, gs, bs, norm, 0.05, 0.01, False)
+        ops.restore_sgd_step_(ps, gs, bs, heads, bufs, 0.1, 0.9, 0.0, 1e-3, False, False, False)
+        return [norm, *ps, *bufs]
+
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))

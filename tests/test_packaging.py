@@ -83,8 +83,10 @@ def test_the_wheel_carries_the_compiled_library_and_the_metadata_of_a_package(di
     assert any(re.fullmatch(r"imbsam/_C\..*\.so", n) for n in names)
     assert not any(n.startswith(("tests/", "csrc/", "benchmarks/")) for n in names)
     for field in ("Name: imbsam", "Version: 0.1.0", "Requires-Python: >=3.9", "Requires-Dist: torch>=2.4",
-                  "License-Expression: MIT", "Description-Content-Type: text/markdown"):
+                  "Description-Content-Type: text/markdown", "Classifier: Programming Language :: C++"):
         assert field in meta, field
+    assert re.search(r"^License(-Expression)?: MIT$", meta, flags=re.M)  # the field depends on setuptools
+    assert any(n.endswith("dist-info/licenses/LICENSE") or n.endswith("dist-info/LICENSE") for n in names)
 
 
 def fresh_venv(path) -> str:
