@@ -8,6 +8,8 @@
 - ``op``: each op's bandwidth as a percentage of copy (of read, for the norm) per
   backend, with the 80 % target.
 - ``train_iter``: ms per training iteration per method, variant and backend.
+- ``tail_passes``: each method's iteration time as a ratio to SGD's in the same run, with
+  the 1.3x target.
 
 On a GPU the bars are the device time (``device_ms``: the kernels' own, host queued
 ahead) where a record has it, else ``ms``. Files of other records are skipped.
@@ -110,6 +112,28 @@ def plot_train_iter(records: list[dict], path: str) -> None:
     _save(fig, path)
 
 
+# The iteration-time target of the cheaper ImbSAM passes and schedules (issue 28): 1.3x SGD.
+TAIL_TARGET_RATIO = 1.3
+
+
+def plot_tail_passes(records: list[dict], path: str) -> None:
+    names = [r["method"] for r in records]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names)), 4.0))
+    ax.bar(names, [r["ratio_to_sgd"] for r in records], color=[f"C{k}" for k in range(len(names))])
+    for k, r in enumerate(records):
+        ax.text(k, r["ratio_to_sgd"], f"{r['ratio_to_sgd']:.2f}x\n{r['ms']:.0f} ms", ha="center", va="bottom",
+                fontsize=8)
+    ax.axhline(TAIL_TARGET_RATIO, color="black", ls="--", lw=1, label=f"{TAIL_TARGET_RATIO}x SGD (the target)")
+    ax.set_ylabel("iteration time / SGD's (same run)")
+    ax.set_ylim(0, 1.2 * max(r["ratio_to_sgd"] for r in records))
+    ax.grid(axis="y", alpha=0.3)
+    r0 = records[0]
+    ax.set_title(f"training iteration, {r0['model']}, batch {r0['batch']} ({100 * r0['tail_share']:.1f} % tail "
+                 f"samples)\n{_where(r0)}", fontsize=10)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def _save(fig, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
@@ -120,7 +144,7 @@ def _save(fig, path: str) -> None:
 
 # adam_step records carry the optimizer_step fields the plot reads (method, dtype, backend, floor).
 PLOTS = {"optimizer_step": plot_optimizer_step, "adam_step": plot_optimizer_step, "op": plot_ops,
-         "train_iter": plot_train_iter}
+         "train_iter": plot_train_iter, "tail_passes": plot_tail_passes}
 
 
 def plot_file(json_path: str, out_dir: str | None = None) -> str | None:

@@ -92,11 +92,17 @@ class HeadTailLoss(torch.nn.Module):
         is_tail = self.tail_classes[targets].to(torch.float32)
         return 1.0 - is_tail, is_tail
 
-    def forward(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, logits: Tensor, targets: Tensor, batch_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """``batch_size``: the ``B`` the sums are divided by, when ``logits`` are those of part
+        of a batch (its tail samples, say); by default their own number."""
         if logits.dim() != 2 or logits.shape[1] != self.tail_classes.numel():
             raise ValueError(f"logits must have shape (batch, {self.tail_classes.numel()}): one column per class of "
                              f"class_counts; got {tuple(logits.shape)}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < max(targets.numel(), 1)):
+            raise ValueError(f"batch_size must be an int >= the {targets.numel()} samples given (the batch they are "
+                             f"part of), got {batch_size!r}")
         per_sample = F.cross_entropy(logits.float(), targets, reduction="none")
         head_w, tail_w = self.sample_weights(targets)
-        batch = targets.numel()
+        batch = targets.numel() if batch_size is None else batch_size
         return (per_sample * head_w).sum() / batch, self.tail_weight * (per_sample * tail_w).sum() / batch

@@ -94,6 +94,20 @@ def test_train_iter(tmp_path):
     assert_plotted(tmp_path)
 
 
+def test_tail_passes(tmp_path):
+    records = run_benchmark(tmp_path, "bench_tail_passes.py", "--batch", "8", "--rounds", "1", "--reps", "1")
+    assert [r["method"] for r in records] == ["sgd", "sam", "imbsam", "imbsam-tail"]
+    assert records[0]["ratio_to_sgd"] == 1.0 and all(r["ratio_to_sgd"] > 0 for r in records)
+    assert 0 <= records[0]["tail_share"] < 0.5
+    assert_plotted(tmp_path)
+
+
+def test_tail_passes_needs_sgd_to_compare_with(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_tail_passes.py"), "--methods",
+                             "sam,imbsam-tail", "--out", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert result.returncode != 0 and "sgd is missing" in result.stderr and not (tmp_path / "r.json").exists()
+
+
 def test_adam_step(tmp_path):
     records = run_benchmark(tmp_path, "bench_adam_step.py", "--model", "resnet32", "--reps", "1")
     assert {r["bench"] for r in records} == {"adam_step"}

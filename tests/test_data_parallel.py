@@ -44,7 +44,8 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1, how: str = "on
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if how in SCALED else None
     if how == "ddp scaler before sync":
         imbsam.use_grad_scaler(opt, scaler)
-    synced = ("ddp", "ddp bucket views", "ddp local", "ddp no_sync", "ddp scaler before sync", "ddp scaler after sync")
+    synced = ("ddp", "ddp bucket views", "ddp local", "ddp no_sync", "ddp scaler before sync", "ddp scaler after sync",
+              "ddp tail subset")
     if (how in synced or how in ACCUMULATING) and kind != "sgd":
         imbsam.sync_data_parallel(opt, net, perturbation="local" if how == "ddp local" else "global")
     if how in ("ddp scaler after sync", "one process scaler"):
@@ -57,7 +58,8 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1, how: str = "on
                     g.div_(world)
         opt.register_phase_hook(average_but_perturb)
     split = imbsam.HeadTailLoss(COUNTS)
-    step = make_step({"asam": "sam", "compat imbsam": "imbsam"}.get(kind, kind), net, opt, split)
+    step = make_step({"asam": "sam", "compat imbsam": "imbsam"}.get(kind, kind), net, opt, split,
+                     tail_passes="subset" if how == "ddp tail subset" else "full")
     if how in ACCUMULATING:  # the whole (per-rank) batch as two micro-batches, by a user's recipe
         recipe = RECIPES[ACCUMULATING[how]][1]
 
@@ -97,6 +99,7 @@ SCALED = ("ddp scaler before sync", "ddp scaler after sync", "one process scaler
 
 CONFIGS = ([(kind, backend, "ddp") for kind in KINDS for backend in BACKENDS]
            + [("imbsam", BACKENDS[-1], how) for how in SCALED[:2]]
+           + [("imbsam", backend, "ddp tail subset") for backend in BACKENDS]
            + [(RECIPES[recipe][0], BACKENDS[-1], how) for how, recipe in ACCUMULATING.items()]
            + [("imbsam", BACKENDS[-1], how) for how in ("ddp alone", "ddp bucket views")]
            + [("sam", BACKENDS[-1], "ddp no_sync")]
@@ -178,6 +181,20 @@ def test_a_scaler_checks_gradients_averaged_over_the_ranks_whichever_helper_came
     assert ranks[0][config]["scale"] == ranks[1][config]["scale"] == want["scale"] == 2.0 ** 11  # one step skipped
     for a, b in zip(ranks[0][config]["params"], ranks[1][config]["params"]):
         assert torch.equal(a, b)
+    assert_close(ranks[0][config]["params"], want["params"])
+    assert_close(ranks[0][config]["buffers"], want["buffers"])
+
+
+@needs_gloo
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_imbsams_tail_passes_on_each_ranks_tail_samples_take_the_whole_batch_step(ranks, backend):
+    """make_step(tail_passes="subset") under DDP: each rank's tail samples (a different
+    number on each, none on some steps) pass outside DDP's wrapper and sync_data_parallel
+    averages their gradients; the step is the one process's full-batch ImbSAM step."""
+    config = ("imbsam", backend, "ddp tail subset")
+    for a, b in zip(ranks[0][config]["params"], ranks[1][config]["params"]):
+        assert torch.equal(a, b)
+    want = train("imbsam", backend)
     assert_close(ranks[0][config]["params"], want["params"])
     assert_close(ranks[0][config]["buffers"], want["buffers"])
 

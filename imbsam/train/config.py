@@ -8,7 +8,7 @@ from imbsam.backends import BACKENDS
 from imbsam.train.data.sources import DATASETS
 from imbsam.train.models import MODELS
 from imbsam.train.schedule import DEFAULT_LR_SCHEDULE, LR_SCHEDULE_OF_OLDER_RUNS, LR_SCHEDULES
-from imbsam.train.step import METHODS, PERTURBED_BN_STATS
+from imbsam.train.step import METHODS, PERTURBED_BN_STATS, TAIL_PASSES
 
 PAPER_SEED = 9826
 # --compile's backends: torch's default compiler, and its debugging one (no code generated).
@@ -16,7 +16,8 @@ COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 # What runs recorded before an option existed used (their saved args lack it): the one
 # place a checkpoint's or a metrics file's arguments are completed (resume, seed tables).
-DEFAULTS_OF_OLDER_RUNS = {"lr_schedule": LR_SCHEDULE_OF_OLDER_RUNS, "perturbed_bn_stats": "update", "sync_bn": False}
+DEFAULTS_OF_OLDER_RUNS = {"lr_schedule": LR_SCHEDULE_OF_OLDER_RUNS, "perturbed_bn_stats": "update", "sync_bn": False,
+                          "tail_passes": "full"}
 
 
 def as_recorded(args: dict) -> dict:
@@ -55,6 +56,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--perturbed-bn-stats", default=PERTURBED_BN_STATS[0], choices=PERTURBED_BN_STATS,
                    help="whether SAM's and ImbSAM's forward at the perturbed weights updates BatchNorm's running "
                         "statistics (update: the paper's recipe) or leaves them as the first forward left them")
+    m.add_argument("--tail-passes", default=TAIL_PASSES[0], choices=TAIL_PASSES,
+                   help="ImbSAM's tail backward and its forward and backward at the perturbed weights on the whole "
+                        "batch (full: the paper's) or on the batch's tail samples alone (subset: about one SGD "
+                        "iteration's cost plus the tail's share; the same step without BatchNorm, an approximation "
+                        "with it; one host sync a step, so not with --cuda-graph)")
     m.add_argument("--sync-bn", action="store_true",
                    help="under torchrun, normalise BatchNorm over the global batch (torch's SyncBatchNorm, CUDA "
                         "only), as one process does; without it each rank normalises its own share")

@@ -35,7 +35,7 @@ from imbsam.train.step import GraphedStep, make_step
 # Options that must match between a checkpoint and the run that resumes it.
 RESUME_KEYS = ("dataset", "imb_factor", "model", "opt", "rho", "eta", "tail_weight", "lr", "momentum",
                "weight_decay", "lr_schedule", "epochs", "batch_size", "seed", "amp", "cuda_graph",
-               "perturbed_bn_stats", "sync_bn")
+               "perturbed_bn_stats", "sync_bn", "tail_passes")
 
 
 class Log:
@@ -144,6 +144,11 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.sync_bn and ranks.distributed and device.type != "cuda":  # torch's SyncBatchNorm would fail mid-step
         raise SystemExit(f"--sync-bn: torch's SyncBatchNorm runs on CUDA devices only, and this run is on {device}; "
                          "without --sync-bn each rank's BatchNorm normalises its share of the batch")
+    if args.tail_passes == "subset" and (args.opt != "imbsam" or args.cuda_graph):
+        raise SystemExit("--tail-passes subset: " + (f"ImbSAM's option (its sharpness term is the tail loss), not "
+                                                    f"--opt {args.opt}'s" if args.opt != "imbsam" else
+                                                    "the tail samples are counted on the host each step, which a "
+                                                    "CUDA graph cannot replay; drop --cuda-graph"))
     if args.compile and (args.cuda_graph or ranks.distributed):  # neither combination has run yet
         raise SystemExit(f"--compile {args.compile}: not together with "
                          f"{'--cuda-graph' if args.cuda_graph else f'{ranks.world} ranks'} (not tested); "
@@ -212,7 +217,7 @@ def _run(args: argparse.Namespace, started: float, ranks, device: torch.device) 
     amp = torch.bfloat16 if args.amp == "bf16" else None
     shards = ShardedLoader(train_loader, ranks) if ranks.distributed else None
     step = make_step(args.opt, net, optimizer, split, autocast_dtype=amp, perturbed_bn_stats=args.perturbed_bn_stats,
-                     loss_weight=shards.loss_weight if shards else None)
+                     loss_weight=shards.loss_weight if shards else None, tail_passes=args.tail_passes)
     if args.cuda_graph:
         step = GraphedStep(step)
 
@@ -239,7 +244,8 @@ def _run(args: argparse.Namespace, started: float, ranks, device: torch.device) 
         f"{int(split.tail_classes.sum())}; {args.model} ({n_params / 1e6:.2f} M parameters) on {device}; "
         f"{args.opt} (backend {backend}), {args.epochs} epochs (cosine lr, {args.lr_schedule}'s order), "
         f"batch {args.batch_size}" + (f" over {ranks.world} ranks" if ranks.distributed else "")
-        + (f"; the model compiled with {args.compile} (its first steps compile)" if args.compile else ""))
+        + (f"; the model compiled with {args.compile} (its first steps compile)" if args.compile else "")
+        + ("; ImbSAM's tail passes on the tail samples only" if args.tail_passes == "subset" else ""))
 
     stop_after = None if args.max_epochs_this_run is None else start_epoch + args.max_epochs_this_run
     slowest_epoch_s = 0.0

@@ -19,6 +19,9 @@ from imbsam.losses import HeadTailLoss
 METHODS = ("sgd", "sam", "imbsam")
 # Whether the forward at w + e updates BatchNorm's running statistics: the paper's recipe first.
 PERTURBED_BN_STATS = ("update", "keep")
+# Where ImbSAM's tail backward at w and its forward and backward at w + e run: the whole
+# batch (the paper's; the tail loss masks the head samples out) or its tail samples alone.
+TAIL_PASSES = ("full", "subset")
 
 
 def _autocast(x: Tensor, dtype: Optional[torch.dtype]):
@@ -32,7 +35,7 @@ Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[HeadTailLoss] = None,
               autocast_dtype: Optional[torch.dtype] = None, perturbed_bn_stats: str = "update",
-              loss_weight: Optional[Callable[[int], float]] = None) -> Step:
+              loss_weight: Optional[Callable[[int], float]] = None, tail_passes: str = "full") -> Step:
     """A function ``step(x, y) -> (loss, logits)`` for one iteration; both outputs detached.
 
     ``sgd``: a plain optimizer step. ``sam``: the two SAM phases on the same batch.
@@ -43,6 +46,16 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
     ``loss_weight(n)``, when given, multiplies the losses a batch of ``n`` backpropagates
     (a data-parallel rank's share of a global batch: ``world * n / n_global``, so that the
     ranks' averaged gradient is the global batch's mean); the reported loss is unweighted.
+
+    ``tail_passes="subset"`` (ImbSAM): the head loss's forward and backward on the whole
+    batch, the tail loss's backward at ``w`` and its forward and backward at ``w + e`` on
+    the batch's tail samples alone (their losses still divided by the whole batch's size).
+    The same step, to rounding, for a model whose samples do not interact (no BatchNorm in
+    training mode); with BatchNorm the tail forwards normalise by the tail samples' own
+    statistics, which differ from the whole batch's, and leave the running statistics as
+    the whole-batch forward left them. It reads the number of tail samples on the host
+    (one sync a step), so it cannot be captured in a CUDA graph. A batch without tail
+    samples takes the base step on ``g_H`` (``g_T = g_T' = 0``) with no further pass.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
@@ -50,6 +63,13 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
         raise ValueError(f"perturbed_bn_stats={perturbed_bn_stats!r}; allowed: {', '.join(PERTURBED_BN_STATS)}")
     if method == "imbsam" and split is None:
         raise ValueError("the imbsam step needs a HeadTailLoss `split`")
+    if tail_passes not in TAIL_PASSES:
+        raise ValueError(f"tail_passes={tail_passes!r}; allowed: {', '.join(TAIL_PASSES)}")
+    if tail_passes == "subset" and method != "imbsam":
+        raise ValueError(f"tail_passes='subset' is ImbSAM's (its sharpness term is the tail loss), not {method}'s")
+    # The tail samples' passes skip DDP's wrapper: their number differs between ranks, so DDP's
+    # reduction would wait for ranks without any; sync_data_parallel averages their gradients.
+    tail_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
     def forward(x):
         with _autocast(x, autocast_dtype):
@@ -92,6 +112,32 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
         optimizer.third_step()
         return (head + tail).detach(), logits.detach()
 
+    def tail_loss_of(xs, ys, n):
+        with frozen_running_stats(tail_model), _autocast(xs, autocast_dtype):
+            return split(tail_model(xs), ys, batch_size=n)[1]
+
+    def imbsam_on_the_tail_samples(x, y):
+        logits = forward(x)
+        head, tail = split(logits, y)
+        weighted(head, y).backward()  # the head's graph alone: the tail's passes follow on its samples
+        optimizer.first_step()
+        index = split.tail_classes[y].nonzero().squeeze(1)  # the step's host sync
+        if index.numel() == 0:  # L_T = 0 here: g_T = g_T' = 0 and e = 0, the base step on g_H
+            for phase in (optimizer.second_step, optimizer.third_step):
+                for p in tail_model.parameters():
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
+                phase()
+        else:
+            xs, ys = x[index], y[index]
+            weighted(tail_loss_of(xs, ys, y.numel()), y).backward()
+            optimizer.second_step()
+            weighted(tail_loss_of(xs, ys, y.numel()), y).backward()
+            optimizer.third_step()
+        return (head + tail).detach(), logits.detach()
+
+    if method == "imbsam" and tail_passes == "subset":
+        return imbsam_on_the_tail_samples
     return {"sgd": sgd, "sam": sam, "imbsam": imbsam}[method]
 
 

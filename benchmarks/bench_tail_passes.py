@@ -1,0 +1,105 @@
+"""What a training iteration costs with ImbSAM's tail passes on the tail samples alone,
+beside SGD, SAM and the paper's ImbSAM, as ratios to SGD measured in the same run.
+
+ResNet-32 on Fashion-MNIST-LT-shaped batches (1x28x28, 10 classes, labels drawn with the
+long-tailed profile's class frequencies: at IF 100 the three tail classes hold about 3 % of
+the images), the trainer's own steps (``imbsam.train.step.make_step``). The methods are
+timed in interleaved rounds on the same batches, so that a slower minute of a shared
+machine falls on all of them alike; each round's median is taken, then the median over
+rounds.
+
+    python benchmarks/bench_tail_passes.py --device cpu --out runs/bench/tail_passes.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import imbsam  # noqa: E402
+from imbsam.train.data import long_tail_counts  # noqa: E402
+from imbsam.train.models import build_model  # noqa: E402
+from imbsam.train.step import make_step  # noqa: E402
+
+from bench_common import machine_info, median_ms, record_meta, write_records  # noqa: E402
+
+# name -> (make_step's method, its tail_passes)
+METHODS = {"sgd": ("sgd", "full"), "sam": ("sam", "full"), "imbsam": ("imbsam", "full"),
+           "imbsam-tail": ("imbsam", "subset")}
+FMNIST_N_MAX = 6000  # training images of each Fashion-MNIST class
+
+
+def build(name: str, counts: list, device: torch.device, backend: str):
+    method, tail_passes = METHODS[name]
+    torch.manual_seed(0)
+    model = build_model("resnet32", len(counts), 1).to(device)
+    kw = dict(lr=0.01, momentum=0.9, weight_decay=1e-3)
+    if method == "sgd":
+        opt = torch.optim.SGD(model.parameters(), **kw)
+    else:
+        cls = imbsam.SAM if method == "sam" else imbsam.ImbSAM
+        opt = cls(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, **kw)
+    split = imbsam.HeadTailLoss(counts).to(device)
+    return make_step(method, model, opt, split, tail_passes=tail_passes)
+
+
+def long_tailed_batches(counts: list, batch: int, n: int, device: torch.device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.tensor(counts, dtype=torch.float64)
+    return [(torch.randn(batch, 1, 28, 28, generator=gen).to(device),
+             torch.multinomial(weights, batch, replacement=True, generator=gen).to(device)) for _ in range(n)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="auto", help="imbsam's backend for SAM and ImbSAM")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--imb-factor", type=float, default=100.0)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=6, help="iterations per method in each round")
+    ap.add_argument("--out", default="runs/bench/tail_passes.json")
+    args = ap.parse_args(argv)
+    names = args.methods.split(",")
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or "sgd" not in names:
+        raise SystemExit(f"--methods: {', '.join(unknown) or 'sgd is missing'}; allowed: {', '.join(METHODS)} "
+                         "(sgd included: the ratios are to it)")
+    device = torch.device(args.device)
+    counts = long_tail_counts(FMNIST_N_MAX, 10, args.imb_factor)
+    data = long_tailed_batches(counts, args.batch, args.reps, device)
+    tail = imbsam.HeadTailLoss(counts).tail_classes
+    tail_share = float(sum(tail[y].float().mean() for _, y in data) / len(data))
+    info = machine_info(device)
+    print(f"ResNet-32, Fashion-MNIST-LT batches of {args.batch} (IF {args.imb_factor:g}: tail samples "
+          f"{100 * tail_share:.1f} % of them), on {info.get('gpu') or info.get('cpu')}, {info['threads']} threads")
+    steps = {name: build(name, counts, device, args.backend) for name in names}
+    rounds = {name: [] for name in names}
+    batches = {name: itertools.cycle(data) for name in names}  # every method steps on the same batches
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            rounds[name].append(median_ms(lambda: step(*next(batches[name])), device, args.reps, warmup=1))
+    ms = {name: statistics.median(r) for name, r in rounds.items()}
+    records = []
+    for name in names:
+        ratio = ms[name] / ms["sgd"]
+        print(f"  {name:12s} {ms[name]:8.1f} ms/iter  {ratio:5.2f}x SGD   (rounds: "
+              f"{', '.join(f'{t:.1f}' for t in rounds[name])})")
+        records.append(dict(bench="tail_passes", model="resnet32", data="fmnist-lt-shaped", dtype="float32",
+                            batch=args.batch,
+                            imb_factor=args.imb_factor, tail_share=round(tail_share, 4), method=name,
+                            backend="torch" if name == "sgd" else args.backend, ms=round(ms[name], 3),
+                            ratio_to_sgd=round(ratio, 3), rounds_ms=[round(t, 3) for t in rounds[name]],
+                            reps=args.reps, device=device.type, **info, **record_meta(argv)))
+    write_records(args.out, records)
+    return records
+
+
+if __name__ == "__main__":
+    main()
