@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from imbsam.batch_norm import frozen_running_stats
+from imbsam.batch_norm import BatchStatistics, frozen_running_stats
 from imbsam.losses import HeadTailLoss
 
 METHODS = ("sgd", "sam", "imbsam")
@@ -51,9 +51,11 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
     batch, the tail loss's backward at ``w`` and its forward and backward at ``w + e`` on
     the batch's tail samples alone (their losses still divided by the whole batch's size).
     The same step, to rounding, for a model whose samples do not interact (no BatchNorm in
-    training mode); with BatchNorm the tail forwards normalise by the tail samples' own
-    statistics, which differ from the whole batch's, and leave the running statistics as
-    the whole-batch forward left them. It reads the number of tail samples on the host
+    training mode); with BatchNorm the tail forwards normalise by the whole batch's
+    statistics of the forward at ``w`` (``imbsam.batch_norm.BatchStatistics``: constants
+    there, where the whole-batch passes differentiate through them, and at ``w + e`` still
+    those of ``w``) and leave the running statistics as that forward left them. It reads
+    the number of tail samples on the host
     (one sync a step), so it cannot be captured in a CUDA graph. A batch without tail
     samples takes the base step on ``g_H`` (``g_T = g_T' = 0``) with no further pass.
     """
@@ -112,12 +114,15 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
         optimizer.third_step()
         return (head + tail).detach(), logits.detach()
 
+    batch_stats = BatchStatistics()  # the whole batch's, for the tail samples' forwards
+
     def tail_loss_of(xs, ys, n):
-        with frozen_running_stats(tail_model), _autocast(xs, autocast_dtype):
+        with batch_stats.applied(tail_model), _autocast(xs, autocast_dtype):
             return split(tail_model(xs), ys, batch_size=n)[1]
 
     def imbsam_on_the_tail_samples(x, y):
-        logits = forward(x)
+        with batch_stats.recorded(tail_model):
+            logits = forward(x)
         head, tail = split(logits, y)
         weighted(head, y).backward()  # the head's graph alone: the tail's passes follow on its samples
         optimizer.first_step()
