@@ -1,12 +1,13 @@
 """What a training iteration costs with ImbSAM's tail passes on the tail samples alone,
 beside SGD, SAM and the paper's ImbSAM, as ratios to SGD measured in the same run.
 
-ResNet-32 on Fashion-MNIST-LT-shaped batches (1x28x28, 10 classes, labels drawn with the
-long-tailed profile's class frequencies: at IF 100 the three tail classes hold about 3 % of
-the images), the trainer's own steps (``imbsam.train.step.make_step``). The methods are
-timed in interleaved rounds on the same batches, so that a slower minute of a shared
-machine falls on all of them alike; each round's median is taken, then the median over
-rounds.
+ResNet-32 with GroupNorm (``resnet32-gn``: the subset passes are exact only without
+BatchNorm's batch coupling, and refuse it) on Fashion-MNIST-LT-shaped batches
+(1x28x28, 10 classes, labels drawn with the long-tailed profile's class frequencies: at
+IF 100 the three tail classes hold about 3 % of the images), the trainer's own steps
+(``imbsam.train.step.make_step``). The methods are timed in interleaved rounds on the
+same batches, so that a slower minute of a shared machine falls on all of them alike;
+each round's median is taken, then the median over rounds.
 
     python benchmarks/bench_tail_passes.py --device cpu --out runs/bench/tail_passes.json
 """
@@ -32,12 +33,13 @@ from bench_common import machine_info, median_ms, record_meta, write_records  # 
 METHODS = {"sgd": ("sgd", "full"), "sam": ("sam", "full"), "imbsam": ("imbsam", "full"),
            "imbsam-tail": ("imbsam", "subset")}
 FMNIST_N_MAX = 6000  # training images of each Fashion-MNIST class
+MODEL = "resnet32-gn"
 
 
 def build(name: str, counts: list, device: torch.device, backend: str):
     method, tail_passes = METHODS[name]
     torch.manual_seed(0)
-    model = build_model("resnet32", len(counts), 1).to(device)
+    model = build_model(MODEL, len(counts), 1).to(device)
     kw = dict(lr=0.01, momentum=0.9, weight_decay=1e-3)
     if method == "sgd":
         opt = torch.optim.SGD(model.parameters(), **kw)
@@ -77,7 +79,7 @@ def main(argv=None):
     tail = imbsam.HeadTailLoss(counts).tail_classes
     tail_share = float(sum(tail[y].float().mean() for _, y in data) / len(data))
     info = machine_info(device)
-    print(f"ResNet-32, Fashion-MNIST-LT batches of {args.batch} (IF {args.imb_factor:g}: tail samples "
+    print(f"{MODEL}, Fashion-MNIST-LT batches of {args.batch} (IF {args.imb_factor:g}: tail samples "
           f"{100 * tail_share:.1f} % of them), on {info.get('gpu') or info.get('cpu')}, {info['threads']} threads")
     steps = {name: build(name, counts, device, args.backend) for name in names}
     rounds = {name: [] for name in names}
@@ -91,7 +93,7 @@ def main(argv=None):
         ratio = ms[name] / ms["sgd"]
         print(f"  {name:12s} {ms[name]:8.1f} ms/iter  {ratio:5.2f}x SGD   (rounds: "
               f"{', '.join(f'{t:.1f}' for t in rounds[name])})")
-        records.append(dict(bench="tail_passes", model="resnet32", data="fmnist-lt-shaped", dtype="float32",
+        records.append(dict(bench="tail_passes", model=MODEL, data="fmnist-lt-shaped", dtype="float32",
                             batch=args.batch,
                             imb_factor=args.imb_factor, tail_share=round(tail_share, 4), method=name,
                             backend="torch" if name == "sgd" else args.backend, ms=round(ms[name], 3),

@@ -1,6 +1,7 @@
-"""How far the tail-loss gradient of ImbSAM's subset passes is from the whole batch's, with
-BatchNorm: the tail samples normalised by their own statistics or by the whole batch's
-(``imbsam.batch_norm.BatchStatistics``, what ``tail_passes="subset"`` does).
+"""Why ImbSAM's tail passes on the tail samples alone refuse BatchNorm: how far their
+tail-loss gradient is from the whole batch's, with the tail samples normalised by their own
+batch statistics or by the whole batch's held constant (the two stand-ins tried; both also
+trained badly: results/tail_passes/*.log).
 
 ResNet-32 (trainer's), Fashion-MNIST-LT-shaped batches of 64 (labels drawn with the IF-100
 profile's frequencies), at initialisation and after 50 SGD steps on such batches; per
@@ -11,7 +12,9 @@ batch with tail samples, ||g - g_full|| / ||g_full|| of the tail loss's gradient
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import os
 import statistics
 import sys
@@ -24,10 +27,49 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_tail_passes import FMNIST_N_MAX, long_tailed_batches  # noqa: E402
 
 import imbsam  # noqa: E402
-from imbsam.batch_norm import BatchStatistics, frozen_running_stats  # noqa: E402
+from imbsam.batch_norm import frozen_running_stats  # noqa: E402
 from imbsam.train.checkpoint import write_json  # noqa: E402
 from imbsam.train.data import long_tail_counts  # noqa: E402
 from imbsam.train.models import build_model  # noqa: E402
+
+
+class BatchStatistics:
+    """Each BatchNorm layer's batch mean and (biased) variance in one forward (``recorded``),
+    used as constants to normalise later forwards (``applied``): eval mode with them
+    standing in for the running statistics."""
+
+    def __init__(self):
+        self.stats = {}
+
+    @staticmethod
+    def layers(model):
+        return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    @contextlib.contextmanager
+    def recorded(self, model):
+        def record(layer, args):
+            x = args[0].detach().float()
+            var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=0)
+            self.stats[layer] = (mean, var)
+        handles = [layer.register_forward_pre_hook(record) for layer in self.layers(model)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def applied(self, model):
+        def normalise(layer, x):
+            mean, var = self.stats[layer]
+            return F.batch_norm(x, mean, var, layer.weight, layer.bias, False, 0.0, layer.eps)
+        for layer in self.layers(model):
+            layer.forward = functools.partial(normalise, layer)
+        try:
+            yield
+        finally:
+            for layer in self.layers(model):
+                del layer.forward
 
 
 def tail_gradients(model, split, x, y):

@@ -356,21 +356,23 @@ def test_tail_passes_on_the_tail_samples_train_and_are_a_resume_key(cifar_root, 
     CIFAR-10-LT's classes under --eta 6: the last four); a checkpoint of a full-pass run
     (or of one from before the option) does not resume as a subset one."""
     out = str(tmp_path / "subset")
-    metrics = main(args(cifar_root, out, "--opt", "imbsam", "--eta", "6", "--tail-passes", "subset"))
+    gn = ("--model", "resnet32-gn")
+    metrics = main(args(cifar_root, out, "--opt", "imbsam", "--eta", "6", "--tail-passes", "subset", *gn))
     assert metrics["args"]["tail_passes"] == "subset" and 0 <= metrics["all"] <= 100
     assert "tail passes on the tail samples only" in open(os.path.join(out, "train.log")).read()
     older = str(tmp_path / "older")
-    main(args(cifar_root, older, "--opt", "imbsam", "--eta", "6", "--max-epochs-this-run", "1"))
+    main(args(cifar_root, older, "--opt", "imbsam", "--eta", "6", "--max-epochs-this-run", "1", *gn))
     path = os.path.join(older, "checkpoint.pt")
     ck = torch.load(path, weights_only=True)
     del ck["args"]["tail_passes"]  # what runs saved before the option recorded
     torch.save(ck, path)
     with pytest.raises(SystemExit, match="tail_passes='subset' \\(checkpoint: 'full'\\)"):
-        main(args(cifar_root, older, "--opt", "imbsam", "--eta", "6", "--tail-passes", "subset", "--resume"))
+        main(args(cifar_root, older, "--opt", "imbsam", "--eta", "6", "--tail-passes", "subset", "--resume", *gn))
 
 
 @pytest.mark.parametrize("extra,says", [(["--opt", "sam"], "ImbSAM's option"),
-                                        (["--opt", "imbsam", "--cuda-graph"], "drop --cuda-graph")])
+                                        (["--opt", "imbsam", "--cuda-graph"], "drop --cuda-graph"),
+                                        (["--opt", "imbsam"], "--model resnet32 normalises with BatchNorm.*-gn")])
 def test_tail_passes_subset_refuses_what_it_cannot_be(cifar_root, tmp_path, extra, says):
     with pytest.raises(SystemExit, match=f"--tail-passes subset: .*{says}"):
         main(args(cifar_root, str(tmp_path / "run"), "--tail-passes", "subset", *extra))

@@ -6,13 +6,19 @@
   pool). The paper's README calls it ResNet-32.
 * ``resnet32``: the classic CIFAR ResNet-32 (He et al. 2016): 3 stages x 5 basic blocks,
   16/32/64 channels, parameter-free shortcuts (option A), 0.46 M parameters.
+* ``resnet32-gn``: the same with GroupNorm (8 groups) for BatchNorm: no layer couples the
+  samples of a batch, so ImbSAM's tail passes on the tail samples alone
+  (``--tail-passes subset``) take exactly its full-batch step.
 """
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import nn
 
-MODELS = ("resnet34", "resnet32")
+MODELS = ("resnet34", "resnet32", "resnet32-gn")
+# The models whose BatchNorm normalises a training batch by its own statistics.
+BATCH_NORMALISED = ("resnet34", "resnet32")
+GROUPS = 8  # resnet32-gn's GroupNorm groups: 16, 32 and 64 channels split evenly
 
 
 def resnet34_cifar(num_classes: int = 100, in_channels: int = 3) -> nn.Module:
@@ -29,13 +35,17 @@ def resnet34_cifar(num_classes: int = 100, in_channels: int = 3) -> nn.Module:
     return model
 
 
+def _group_norm(channels: int) -> nn.Module:
+    return nn.GroupNorm(GROUPS, channels)
+
+
 class _BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, norm=nn.BatchNorm2d):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = norm(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = norm(cout)
         self.stride, self.extra = stride, cout - cin
 
     def shortcut(self, x):
@@ -51,14 +61,14 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet32(nn.Module):
-    def __init__(self, num_classes: int = 100, in_channels: int = 3, blocks_per_stage: int = 5):
+    def __init__(self, num_classes: int = 100, in_channels: int = 3, blocks_per_stage: int = 5, norm=nn.BatchNorm2d):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.bn1 = norm(16)
         layers, cin = [], 16
         for cout, stride in ((16, 1), (32, 2), (64, 2)):
             for i in range(blocks_per_stage):
-                layers.append(_BasicBlock(cin, cout, stride if i == 0 else 1))
+                layers.append(_BasicBlock(cin, cout, stride if i == 0 else 1, norm))
                 cin = cout
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(64, num_classes)
@@ -80,4 +90,6 @@ def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
         return resnet34_cifar(num_classes, in_channels)
     if name == "resnet32":
         return resnet32(num_classes, in_channels)
+    if name == "resnet32-gn":
+        return ResNet32(num_classes, in_channels, norm=_group_norm)
     raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")

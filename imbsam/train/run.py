@@ -27,7 +27,7 @@ from imbsam.train.distributed import (
     sum_over_ranks,
 )
 from imbsam.train.loop import group_accuracy, per_class_accuracy, train_epoch
-from imbsam.train.models import build_model
+from imbsam.train.models import BATCH_NORMALISED, build_model
 from imbsam.train.report import format_table, plotting_unavailable, save_plots
 from imbsam.train.schedule import cosine_schedule
 from imbsam.train.step import GraphedStep, make_step
@@ -127,6 +127,19 @@ def compiled(net: torch.nn.Module, backend: str | None, opt: str) -> torch.nn.Mo
     return torch.compile(net, backend=imbsam.retain_graph_backend(backend) if opt == "imbsam" else backend)
 
 
+def subset_tail_passes_problem(args) -> str | None:
+    """Why ``--tail-passes subset`` cannot run with ``args``, or None."""
+    if args.opt != "imbsam":
+        return f"ImbSAM's option (its sharpness term is the tail loss), not --opt {args.opt}'s"
+    if args.cuda_graph:
+        return "the tail samples are counted on the host each step, which a CUDA graph cannot replay; drop --cuda-graph"
+    if args.model in BATCH_NORMALISED:
+        return (f"--model {args.model} normalises with BatchNorm, through whose batch statistics ImbSAM's tail "
+                "gradient reaches every sample, which the tail samples alone cannot give (imbsam/train/README.md); "
+                "use --model resnet32-gn (GroupNorm), or --tail-passes full")
+    return None
+
+
 def current_lr(optimizer) -> float:
     lr = optimizer.param_groups[0]["lr"]
     return float(lr)
@@ -144,11 +157,10 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.sync_bn and ranks.distributed and device.type != "cuda":  # torch's SyncBatchNorm would fail mid-step
         raise SystemExit(f"--sync-bn: torch's SyncBatchNorm runs on CUDA devices only, and this run is on {device}; "
                          "without --sync-bn each rank's BatchNorm normalises its share of the batch")
-    if args.tail_passes == "subset" and (args.opt != "imbsam" or args.cuda_graph):
-        raise SystemExit("--tail-passes subset: " + (f"ImbSAM's option (its sharpness term is the tail loss), not "
-                                                    f"--opt {args.opt}'s" if args.opt != "imbsam" else
-                                                    "the tail samples are counted on the host each step, which a "
-                                                    "CUDA graph cannot replay; drop --cuda-graph"))
+    if args.tail_passes == "subset":
+        why = subset_tail_passes_problem(args)
+        if why:
+            raise SystemExit(f"--tail-passes subset: {why}")
     if args.compile and (args.cuda_graph or ranks.distributed):  # neither combination has run yet
         raise SystemExit(f"--compile {args.compile}: not together with "
                          f"{'--cuda-graph' if args.cuda_graph else f'{ranks.world} ranks'} (not tested); "

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from imbsam.batch_norm import BatchStatistics, frozen_running_stats
+from imbsam.batch_norm import frozen_running_stats
 from imbsam.losses import HeadTailLoss
 
 METHODS = ("sgd", "sam", "imbsam")
@@ -50,12 +50,13 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
     ``tail_passes="subset"`` (ImbSAM): the head loss's forward and backward on the whole
     batch, the tail loss's backward at ``w`` and its forward and backward at ``w + e`` on
     the batch's tail samples alone (their losses still divided by the whole batch's size).
-    The same step, to rounding, for a model whose samples do not interact (no BatchNorm in
-    training mode); with BatchNorm the tail forwards normalise by the whole batch's
-    statistics of the forward at ``w`` (``imbsam.batch_norm.BatchStatistics``: constants
-    there, where the whole-batch passes differentiate through them, and at ``w + e`` still
-    those of ``w``) and leave the running statistics as that forward left them. It reads
-    the number of tail samples on the host
+    The same step, to rounding, for a model whose samples do not interact; a BatchNorm
+    layer in training mode is refused at the step: ImbSAM's tail gradient flows through
+    the batch statistics to every head sample, most of it on ResNet-32 (1.25 times the
+    norm of what is left with them held constant, ``scripts/tail_gradients.py``), and
+    both stand-ins measured for it, the tail samples' own statistics or the batch's held
+    constant, trained badly (``results/tail_passes/``); use GroupNorm or LayerNorm
+    (``resnet32-gn``), or BatchNorm in eval mode. It reads the number of tail samples on the host
     (one sync a step), so it cannot be captured in a CUDA graph. A batch without tail
     samples takes the base step on ``g_H`` (``g_T = g_T' = 0``) with no further pass.
     """
@@ -114,15 +115,22 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
         optimizer.third_step()
         return (head + tail).detach(), logits.detach()
 
-    batch_stats = BatchStatistics()  # the whole batch's, for the tail samples' forwards
+    batch_norms = [m for m in tail_model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
     def tail_loss_of(xs, ys, n):
-        with batch_stats.applied(tail_model), _autocast(xs, autocast_dtype):
+        with _autocast(xs, autocast_dtype):
             return split(tail_model(xs), ys, batch_size=n)[1]
 
     def imbsam_on_the_tail_samples(x, y):
-        with batch_stats.recorded(tail_model):
-            logits = forward(x)
+        training = [m for m in batch_norms if m.training]
+        if training:  # before any pass: the step is not taken
+            raise ValueError(
+                f"tail_passes='subset': the model has {len(training)} BatchNorm layer(s) in training mode, through "
+                "whose batch statistics ImbSAM's tail gradient reaches every sample; the tail samples alone cannot "
+                "give it (measured: scripts/tail_gradients.py, results/tail_passes/). Use a model without batch "
+                "coupling (GroupNorm, LayerNorm: the trainer's resnet32-gn), BatchNorm in eval mode, or "
+                "tail_passes='full'")
+        logits = forward(x)
         head, tail = split(logits, y)
         weighted(head, y).backward()  # the head's graph alone: the tail's passes follow on its samples
         optimizer.first_step()
