@@ -5,9 +5,10 @@
 
 ``imbsam.reference`` holds the plain PyTorch spec of every op and ``imbsam.ops`` the
 compiled ones (both in ``imbsam.backends``); ``imbsam.compat`` the paper's
-``(optimizer, model, rho)`` adapters; ``imbsam.train`` the long-tailed training pipeline.
+``(optimizer, model, rho)`` adapters; ``imbsam.schedules`` which steps sharpen;
+``imbsam.train`` the long-tailed training pipeline.
 """
-from imbsam import compat
+from imbsam import compat, schedules
 from imbsam.backends import available_backends, reference
 from imbsam.backends import compiled as ops
 from imbsam.batch_norm import frozen_running_stats
@@ -21,4 +22,4 @@ __version__ = "0.1.0"
 
 __all__ = ["SAM", "ImbSAM", "HeadTailLoss", "tail_class_mask", "available_backends", "compat", "ops", "reference",
            "sync_data_parallel", "use_grad_scaler",
-           "frozen_running_stats", "retain_graph_backend", "compile_step"]
+           "frozen_running_stats", "retain_graph_backend", "compile_step", "schedules"]

@@ -17,8 +17,10 @@ try:
 except ImportError:  # torch < 2.6 keeps it under its composable API, whose CPU use (2.4.1 seen)
     fully_shard = None  # creates CUDA streams and fails without a GPU: not testable here
 
-# imbsam-adamw: the fused Adam(W) step on the shards; imbsam-scaled: with use_grad_scaler.
-KINDS = ("sam", "asam", "imbsam", "imbsam-adamw", "imbsam-scaled")
+# imbsam-adamw: the fused Adam(W) step on the shards; imbsam-scaled: with use_grad_scaler;
+# sam-aesam, imbsam-periodic: with a sharpness schedule (the plain steps on DTensor shards, the
+# AE-SAM decision from the global norm).
+KINDS = ("sam", "asam", "imbsam", "imbsam-adamw", "imbsam-scaled", "sam-aesam", "imbsam-periodic")
 BACKENDS = imbsam.backends.backends_for("cpu")  # the triton backend under its interpreter too
 
 
@@ -36,12 +38,15 @@ def train(kind: str, backend: str, rank: int = 0, world: int = 1) -> dict:
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    if kind in ("imbsam", "imbsam-scaled"):
-        opt = imbsam.ImbSAM(model.parameters(), torch.optim.SGD, rho=0.5, backend=backend, **KW)
+    if kind in ("imbsam", "imbsam-scaled", "imbsam-periodic"):
+        schedule = imbsam.schedules.Periodic(2) if kind == "imbsam-periodic" else None
+        opt = imbsam.ImbSAM(model.parameters(), torch.optim.SGD, rho=0.5, backend=backend, schedule=schedule, **KW)
     elif kind == "imbsam-adamw":
         opt = imbsam.ImbSAM(model.parameters(), torch.optim.AdamW, rho=0.5, backend=backend, lr=1e-2, amsgrad=True)
     else:
-        opt = imbsam.SAM(model.parameters(), torch.optim.SGD, rho=0.5, adaptive=kind == "asam", backend=backend, **KW)
+        schedule = imbsam.schedules.AESAM(total_steps=1) if kind == "sam-aesam" else None
+        opt = imbsam.SAM(model.parameters(), torch.optim.SGD, rho=0.5, adaptive=kind == "asam", backend=backend,
+                         schedule=schedule, **KW)
     split = imbsam.HeadTailLoss(COUNTS)
     step = make_step("imbsam" if kind.startswith("imbsam") else "sam", model, opt, split)
     if kind == "imbsam-scaled":

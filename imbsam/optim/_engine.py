@@ -26,6 +26,7 @@ from imbsam.optim._inputs import check_base_state, fix_layouts, gather, guarded
 from imbsam.optim._plans import GroupPlan, PlanCache
 from imbsam.optim._sharded import LocalShardOps, is_sharded
 from imbsam.optim._step_hooks import fire_post_hooks, fire_pre_hooks
+from imbsam.schedules import SharpnessSchedule, check_schedule
 
 SAM_PHASES = {"perturb": "first_step", "step": "second_step"}
 IMBSAM_PHASES = {"head": "first_step", "perturb": "second_step", "step": "third_step"}
@@ -62,8 +63,10 @@ class SharpnessEngine:
     """
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, backend: str, rho: float, adaptive: bool = False,
-                 adaptive_eta: float = 0.01, phase_names: Optional[dict[str, str]] = None):
+                 adaptive_eta: float = 0.01, phase_names: Optional[dict[str, str]] = None,
+                 schedule: Optional[SharpnessSchedule] = None):
         backends.check_backend_name(backend)
+        check_schedule(schedule)
         check_rho(rho)
         check_adaptive(adaptive)
         check_adaptive_eta(adaptive_eta)
@@ -96,6 +99,8 @@ class SharpnessEngine:
         # The last phase that ran: "idle" -> ["head" ->] "perturbed" -> "idle". Checked before
         # anything is written: a second perturbation would back up w + e as the weights.
         self.phase = "idle"
+        # Which steps sharpen (None: every one); the perturbation phase asks it.
+        self.schedule = schedule
 
     @property
     def backups(self) -> dict[int, tuple[Tensor, int]]:
@@ -105,7 +110,7 @@ class SharpnessEngine:
     def settings(self) -> dict:
         """The constructor's arguments besides the base optimizer: what a copy is built from."""
         return dict(backend=self.backend, rho=self.defaults["rho"], adaptive=self.defaults["adaptive"],
-                    adaptive_eta=self.defaults["adaptive_eta"], phase_names=self.phase_names)
+                    adaptive_eta=self.defaults["adaptive_eta"], phase_names=self.phase_names, schedule=self.schedule)
 
     def register_phase_hook(self, hook: Callable[[str, list, list], None], prepend: bool = False) -> RemovableHandle:
         """``hook(phase, params, grads)`` runs before a phase reads the gradients.
@@ -147,18 +152,22 @@ class SharpnessEngine:
         the ones a phase before it already read: a backward was forgotten, or ``.grad`` was
         cleared before the phase (it used to step with the wrong gradients, in silence)."""
         names = self.phase_names
+        plain = phase == "step" and self.phase != "perturbed"  # plain_step(), not the last phase
+        name = "plain_step" if plain else names[phase]
         left, self._left = self._left, None
         if not params:
-            before = self._BACKWARD_BEFORE.get(phase) or (
+            before = (("the backward of the step's loss" + (" (head + tail, or the tail's after "
+                                                             f"{names['head']}())" if "head" in names else ""))
+                      if plain else self._BACKWARD_BEFORE.get(phase)) or (
                 "tail_loss.backward() (a batch without tail samples still gives zero gradients)"
                 if "head" in names else "loss.backward()")
             stays = (" The step stays perturbed: call abandon_step() to restore w, or run the backward and call "
-                     f"{names[phase]}() again." if phase == "step" else "")
-            raise RuntimeError(f"imbsam: {names[phase]}() with no gradients: no parameter has a .grad. Call "
+                     f"{name}() again." if phase == "step" and not plain else "")
+            raise RuntimeError(f"imbsam: {name}() with no gradients: no parameter has a .grad. Call "
                                f"{before} before it, and zero_grad() only after it.{stays}")
         if left is not None and not torch.compiler.is_compiling() and len(left) == len(params) and all(
                 ref() is p.grad and p.grad._version == version for (ref, version), p in zip(left, params)):
-            raise RuntimeError(f"imbsam: {names[phase]}() would read the gradients the phase before it read: no "
+            raise RuntimeError(f"imbsam: {name}() would read the gradients the phase before it read: no "
                                "backward ran since (the last phase was called with zero_grad=False)")
 
     def leave_grads(self) -> None:
@@ -253,18 +262,30 @@ class SharpnessEngine:
         self.phase = "head"
 
     @torch.no_grad()
-    def perturb(self) -> None:
-        """w <- w + e from the current gradients (global norm), keeping a backup of w."""
+    def perturb(self) -> bool:
+        """w <- w + e from the current gradients (global norm), keeping a backup of w.
+
+        Returns False, having written nothing, when the schedule does not sharpen this step:
+        the caller then takes the plain step (``plain_step(..., after_perturb_hooks=True)``).
+        """
         self._check_phase("perturb")
         self._run_phase_hooks("perturb")
         gathered, device = gather(self.base.param_groups)
         for _, group, _, _ in gathered:  # a group's rho may have been changed since: before any write
             check_group_hypers(group, self.defaults)
         self._perturbed = {}
+        schedule = self.schedule
+        if schedule is not None and compiling.in_compile_step():
+            compiling.refuse_in_compile_step(
+                "imbsam.compile_step cannot compile a step with a sharpness schedule: whether the step sharpens "
+                "decides which passes run, on the host. Nothing was written. Compile the model alone "
+                "(torch.compile(model)) instead")
+        if schedule is not None and not schedule.needs_gradient and not schedule.sharpens():
+            return False
         if device is None:
             self.norm = self._step_norm = None
             self.phase = "perturbed"
-            return
+            return True
         _, ops = self._ops(gathered, device)
         eta = self.defaults["adaptive_eta"]
         plans = {index: self._cache.plan(index, params) for index, _, params, _ in gathered if params}
@@ -286,6 +307,9 @@ class SharpnessEngine:
         self.norm = self._step_norm = guarded(
             lambda: ops.grad_norm(*norm_inputs(), eta), [(params, grads, True) for _, _, params, grads in gathered])
         norm = self.norm
+        if schedule is not None and schedule.needs_gradient and not schedule.decide(norm, self._reported_inf):
+            self._step_norm = None
+            return False
         moved: list[tuple[list[Tensor], list[Tensor]]] = []  # (params, backups) of each op that has run
         try:
             for index, group, params, grads in gathered:
@@ -311,6 +335,7 @@ class SharpnessEngine:
             self._perturbed, self.norm, self._step_norm = {}, None, None
             raise
         self.phase = "perturbed"
+        return True
 
     def _check_phase(self, phase: str) -> None:
         """Raises if ``phase`` cannot follow the last one; nothing has been written yet."""
@@ -355,11 +380,7 @@ class SharpnessEngine:
         gradient was not finite or the caller's 0-d ``found_inf`` (a GradScaler's, say) is
         nonzero; on the fused paths both are combined and read on the device.
         """
-        if found_inf is not None and not isinstance(found_inf, Tensor):
-            raise TypeError(f"found_inf must be a tensor holding one value (a 0-d flag on the device, nonzero skips "
-                            f"the step), or None; got {type(found_inf).__name__} {found_inf!r}")
-        if found_inf is not None and found_inf.numel() != 1:
-            raise ValueError(f"found_inf must hold one value (a 0-d flag), got shape {tuple(found_inf.shape)}")
+        _check_found_inf(found_inf)
         self._check_phase("step")
         self._restore_and_step(with_head, found_inf)
         # Only when done: a rejected input leaves the step as it was (the backups, the
@@ -368,6 +389,65 @@ class SharpnessEngine:
         if with_head:
             self.head_grads, self._head_norm = {}, None
         self.phase = "idle"
+        if self.schedule is not None:
+            self.schedule.step_taken(sharpened=True)
+
+    @torch.no_grad()
+    def plain_step(self, found_inf: Optional[Tensor] = None, after_perturb_hooks: bool = False) -> None:
+        """The base optimizer's step on the gradients at w, with no perturbation: ``.grad``,
+        plus ImbSAM's set-aside ``g_H`` after its head phase. A step the schedule does not
+        sharpen, or one the caller takes plain.
+
+        ``after_perturb_hooks``: called by the perturbation phase that declined, whose hooks
+        have read these gradients already (a GradScaler unscaled them); otherwise the
+        ``"step"`` hooks run first. The skip flags are those of a last phase (the g_H norm, the
+        reported flag, ``found_inf``); the gradient itself has no norm taken, and a non-finite
+        one is applied as the base optimizer applies it. A base step that raises leaves the
+        step as it was (``g_H`` still set aside).
+        """
+        _check_found_inf(found_inf)
+        if self.phase == "perturbed":
+            raise RuntimeError(f"imbsam: plain_step() while the weights are perturbed (at w + e): call "
+                               f"{self.phase_names['step']}() to finish the step, or abandon_step() first")
+        if not after_perturb_hooks:
+            self._run_phase_hooks("step")
+        with_head = self.phase == "head"
+        gathered, device = gather(self.base.param_groups)
+        heads = self.head_grads if with_head else {}
+        replaced: list[tuple[Tensor, Optional[Tensor]]] = []  # (parameter, its .grad before) for a retry
+        try:
+            for index, group, _, _ in gathered:
+                head = heads.get(index)
+                if head is None:
+                    continue
+                by_id = dict(zip(*head))
+                both = [p for p in group["params"] if p.grad is not None and id(p) in by_id]
+                summed = torch._foreach_add([p.grad for p in both], [by_id[id(p)] for p in both]) if both else []
+                for p, g in zip(both, summed):
+                    replaced.append((p, p.grad))
+                    p.grad = g
+                for p in group["params"]:  # only the head loss reached it: its gradient is g_H alone
+                    if p.grad is None and id(p) in by_id:
+                        replaced.append((p, None))
+                        p.grad = by_id[id(p)]
+                        if device is None:
+                            device = p.device
+            flags = [None, self._head_norm if with_head else None, self._reported_inf, found_inf]
+            skip = self._skip_flag(flags, device) if device is not None else None
+            # Reading the flag syncs with the device, as GradScaler.step does; no flag, no sync.
+            if skip is None or not bool(skip != 0):
+                self.base.step()
+        except BaseException:
+            for p, g in replaced:
+                p.grad = g
+            raise
+        self._perturbed, self.head_grads, self._head_norm, self._step_norm = {}, {}, None, None
+        self.phase = "idle"
+        if after_perturb_hooks:  # what the helpers keep until the last phase's hooks
+            for helper in self.helpers.values():
+                helper.step_ended_at_perturbation()
+        if self.schedule is not None:
+            self.schedule.step_taken(sharpened=False)
 
     def _restore_and_step(self, with_head: bool, found_inf: Optional[Tensor]) -> None:
         self._run_phase_hooks("step")
@@ -490,3 +570,11 @@ class SharpnessEngine:
         for part in parts[1:]:  # maximum keeps a NaN
             skip = torch.maximum(skip, part)
         return skip
+
+
+def _check_found_inf(found_inf) -> None:
+    if found_inf is not None and not isinstance(found_inf, Tensor):
+        raise TypeError(f"found_inf must be a tensor holding one value (a 0-d flag on the device, nonzero skips "
+                        f"the step), or None; got {type(found_inf).__name__} {found_inf!r}")
+    if found_inf is not None and found_inf.numel() != 1:
+        raise ValueError(f"found_inf must hold one value (a 0-d flag), got shape {tuple(found_inf.shape)}")

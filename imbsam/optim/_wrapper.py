@@ -6,6 +6,7 @@ import torch
 from imbsam.optim._engine import SAM_PHASES, SharpnessEngine
 from imbsam.optim._hypers import check_adaptive, check_adaptive_eta, check_base_optimizer, check_group_hypers, check_rho
 from imbsam.optim._step_hooks import fire_post_hooks, fire_pre_hooks
+from imbsam.schedules import check_schedule
 
 
 class SharpnessOptimizer(torch.optim.Optimizer):
@@ -20,8 +21,9 @@ class SharpnessOptimizer(torch.optim.Optimizer):
     _PHASES = SAM_PHASES  # the names of this optimizer's phases, for its errors
 
     def __init__(self, params, base_optimizer, rho: float, adaptive: bool, adaptive_eta: float, backend: str,
-                 **kwargs):
+                 schedule=None, **kwargs):
         self._stepped = {"opt_called": False}
+        check_schedule(schedule)
         check_rho(rho)
         check_adaptive(adaptive)
         check_adaptive_eta(adaptive_eta)
@@ -32,7 +34,10 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self._share_base()
         self.defaults.update(self.base_optimizer.defaults)
-        self._engine = SharpnessEngine(self.base_optimizer, backend, rho, adaptive, adaptive_eta, self._PHASES)
+        self._engine = SharpnessEngine(self.base_optimizer, backend, rho, adaptive, adaptive_eta, self._PHASES,
+                                       schedule)
+        if schedule is not None:
+            schedule.attach()
 
     def _share_base(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
@@ -67,6 +72,44 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         each time is fine); the last phase reads it on the device, and it applies to the step
         in progress only."""
         self._engine.report_found_inf(flag)
+
+    @property
+    def schedule(self):
+        """The sharpness schedule (``imbsam.schedules``), or None: every step sharpens."""
+        return self._engine.schedule
+
+    def sharpens(self) -> bool:
+        """Whether this step sharpens, known before its passes: True without a schedule, the
+        decision of a ``Periodic`` or ``Bernoulli`` schedule (on the host, no sync). A step it
+        does not sharpen is a plain one: the loss's backward, then ``plain_step()``. An
+        ``AESAM`` schedule decides from the perturbation gradient: TypeError (call the phases:
+        the perturbation phase returns whether it sharpened)."""
+        schedule = self._engine.schedule
+        return True if schedule is None else schedule.sharpens()
+
+    @torch.no_grad()
+    def plain_step(self, zero_grad: bool = True, found_inf=None) -> None:
+        """The base optimizer's step on ``.grad`` at w, with no perturbation: a step the schedule
+        does not sharpen (``sharpens()`` is False), or any step taken without SAM. After
+        ImbSAM's ``first_step()`` it steps with ``g_H + .grad``. Phase hooks run as for a last
+        phase (a GradScaler unscales, ``sync_data_parallel`` averages), the step hooks fire, LR
+        schedulers count it, and the schedule counts it as a step.
+
+        ``found_inf``: an optional 0-d device flag; nonzero skips the step.
+        """
+        self._last_phase(with_head=False, found_inf=found_inf, plain=True)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+        else:
+            self._engine.leave_grads()
+
+    def _plain_step_after_perturbation(self, zero_grad: bool) -> None:
+        """The perturbation phase declined (its schedule): the plain step on what it read."""
+        self._last_phase(with_head=False, found_inf=None, plain=True, after_perturb_hooks=True)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+        else:
+            self._engine.leave_grads()
 
     def abandon_step(self) -> None:
         """Gives up a step begun with the phases (after an error in the forward at w + e, say):
@@ -116,14 +159,18 @@ class SharpnessOptimizer(torch.optim.Optimizer):
     # Inside step(closure): torch.optim's wrapper of step() has fired the step hooks already.
     _in_step = False
 
-    def _last_phase(self, with_head: bool, found_inf) -> None:
+    def _last_phase(self, with_head: bool, found_inf, plain: bool = False, after_perturb_hooks: bool = False) -> None:
         """The phase that takes the step, between torch.optim's step pre- and post-hooks
         (global ones, then this optimizer's), which fire once per full step: here when the
-        phases are called by hand, around step() when it runs them."""
+        phases are called by hand, around step() when it runs them. ``plain``: the base step
+        at w (``plain_step``)."""
         fire = not self._in_step
         if fire:
             fire_pre_hooks(self)
-        self._engine.restore_and_step(with_head=with_head, found_inf=found_inf)
+        if plain:
+            self._engine.plain_step(found_inf=found_inf, after_perturb_hooks=after_perturb_hooks)
+        else:
+            self._engine.restore_and_step(with_head=with_head, found_inf=found_inf)
         self._after_base_step()
         if fire:
             fire_post_hooks(self)
@@ -145,13 +192,33 @@ class SharpnessOptimizer(torch.optim.Optimizer):
         self._share_base()
         self._engine = SharpnessEngine(self.base_optimizer, **state["engine"])
 
+    # The schedule's state (steps taken, AE-SAM's statistics) travels in the state dict under
+    # this key, beside the base optimizer's; a resumed run sharpens the same steps.
+    _SCHEDULE_KEY = "imbsam_sharpness_schedule"
+
     def state_dict(self):
-        return self.base_optimizer.state_dict()
+        state = self.base_optimizer.state_dict()
+        if self._engine.schedule is not None:
+            state[self._SCHEDULE_KEY] = self._engine.schedule.state_dict()
+        return state
 
     def load_state_dict(self, state_dict) -> None:
         for group in state_dict.get("param_groups", []):  # checked before anything is loaded
             check_group_hypers(group, self.defaults)
-        self.base_optimizer.load_state_dict(state_dict)
+        schedule, saved = self._engine.schedule, state_dict.get(self._SCHEDULE_KEY)
+        if saved is not None and schedule is None:
+            raise ValueError(f"imbsam: the state dict holds a sharpness schedule's state ({saved.get('kind')!r}), "
+                             f"but this {type(self).__name__} has none: build it with the same schedule= to resume")
+        if saved is not None:
+            restore = schedule.state_dict()
+            schedule.load_state_dict(saved)  # checks kind and settings first
+        state_dict = {k: v for k, v in state_dict.items() if k != self._SCHEDULE_KEY}
+        try:
+            self.base_optimizer.load_state_dict(state_dict)
+        except BaseException:
+            if saved is not None:
+                schedule.load_state_dict(restore)
+            raise
         self._share_base()  # the base built new group dicts: share them again
         for group in self.param_groups:
             # A plain base optimizer's state dict (torch.optim.SGD's, say) has no rho or

@@ -80,9 +80,11 @@ class SAM(_Adapter):
     """The paper's ``SAM(optimizer, model, rho)``: ``first_step()`` and ``second_step()``."""
 
     @torch.no_grad()
-    def first_step(self) -> None:
-        self._engine.perturb()
+    def first_step(self) -> bool:
+        """Returns True (it perturbed), as ``imbsam.SAM.first_step`` does without a schedule."""
+        sharpened = self._engine.perturb()
         self.optimizer.zero_grad()
+        return sharpened
 
     @torch.no_grad()
     def second_step(self, found_inf=None) -> None:
@@ -105,9 +107,11 @@ class ImbSAM(_Adapter):
         self.optimizer.zero_grad()
 
     @torch.no_grad()
-    def second_step(self) -> None:
-        self._engine.perturb()
+    def second_step(self) -> bool:
+        """Returns True (it perturbed), as ``imbsam.ImbSAM.second_step`` does without a schedule."""
+        sharpened = self._engine.perturb()
         self.optimizer.zero_grad()
+        return sharpened
 
     @torch.no_grad()
     def third_step(self, found_inf=None) -> None:

@@ -114,6 +114,11 @@ def sync_data_parallel(optimizer, ddp_model: torch.nn.Module, perturbation: str 
     if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
         raise TypeError(f"sync_data_parallel() takes the DistributedDataParallel model the optimizer trains, got "
                         f"{type(ddp_model).__name__}")
+    schedule = getattr(optimizer._engine, "schedule", None)
+    if perturbation == "local" and schedule is not None and schedule.needs_gradient:
+        raise ValueError(f"sync_data_parallel(perturbation='local') with a {type(schedule).__name__} schedule: it "
+                         "decides from the perturbation gradient, which would differ between the ranks, and so "
+                         "would their passes; use perturbation='global', or a Periodic or Bernoulli schedule")
     watched = next((p for p in ddp_model.module.parameters() if p.requires_grad), None)
     if watched is None:
         raise ValueError("sync_data_parallel(): the model has no parameter that requires a gradient")

@@ -120,6 +120,15 @@ class GradScalerPhases:
         self._stand_in.param_groups[0]["params"] = [param]
         self._scaler.unscale_(self._stand_in)
 
+    def step_ended_at_perturbation(self) -> None:
+        """A schedule did not sharpen the step: it ended at its perturbation phase, whose
+        gradients were unscaled and checked there; the scaler learns the step's flag now."""
+        found, self._found = self._found, None
+        if not self._scaler.is_enabled():
+            return
+        self._scale_calls_seen = _scale_calls(self._scaler)[0]
+        self._tell_scaler(found if found is not None else torch.zeros((), dtype=torch.float32))
+
     def abandoned(self) -> None:
         """The step was abandoned (``abandon_step()``): an ``unscale_`` of the user's in it, or
         the one ``scaler.step(optimizer)`` ran before it was refused, unscaled gradients that

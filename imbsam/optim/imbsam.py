@@ -33,6 +33,11 @@ class ImbSAM(SharpnessOptimizer):
         base_optimizer: an optimizer class, e.g. ``torch.optim.SGD``; ``**kwargs`` go to it.
         rho: the neighbourhood radius of the tail loss's perturbation, a finite float >= 0.
         backend: ``"auto"``, ``"reference"``, ``"cpp"``, ``"cuda"`` or ``"triton"``.
+        schedule: which steps sharpen (``imbsam.schedules``: ``Periodic``, ``Bernoulli``,
+            ``AESAM`` on ``g_T``); None, every step. A step not sharpened is the base step on
+            ``g_H + g_T``: ``if opt.sharpens(): <the three phases> else: (head + tail).backward();
+            opt.plain_step()``, or, for ``AESAM``, ``if opt.second_step(): <the pass at w + e>;
+            opt.third_step()``.
 
     A non-finite ``g_T`` or ``g_H`` skips the whole step: weights and momentum are left as
     they were (decided on the device on the fused SGD path). Hooks that find an inf report
@@ -42,8 +47,8 @@ class ImbSAM(SharpnessOptimizer):
 
     _PHASES = IMBSAM_PHASES
 
-    def __init__(self, params, base_optimizer, rho: float = 0.05, backend: str = "auto", **kwargs):
-        super().__init__(params, base_optimizer, rho, False, 0.01, backend, **kwargs)
+    def __init__(self, params, base_optimizer, rho: float = 0.05, backend: str = "auto", schedule=None, **kwargs):
+        super().__init__(params, base_optimizer, rho, False, 0.01, backend, schedule, **kwargs)
 
     @torch.no_grad()
     def first_step(self) -> None:
@@ -52,10 +57,19 @@ class ImbSAM(SharpnessOptimizer):
         self._engine.stash_head_grads()
 
     @torch.no_grad()
-    def second_step(self) -> None:
-        """After the tail backward: e from g_T (global norm), w <- w + e, clear the gradients."""
-        self._engine.perturb()
+    def second_step(self) -> bool:
+        """After the tail backward: e from g_T (global norm), w <- w + e, clear the gradients.
+
+        Returns True. With a ``schedule`` that does not sharpen this step it takes the base
+        step on ``g_H + g_T`` instead and returns False: the step is done, and no pass at
+        w + e or ``third_step()`` follows.
+        """
+        sharpened = self._engine.perturb()
+        if not sharpened:
+            self._plain_step_after_perturbation(zero_grad=True)
+            return False
         self.zero_grad(set_to_none=True)
+        return True
 
     @torch.no_grad()
     def third_step(self, zero_grad: bool = True, found_inf=None) -> None:
@@ -84,6 +98,18 @@ class ImbSAM(SharpnessOptimizer):
         # With use_grad_scaler, each loss is scaled before its backward, as the phases expect.
         scaler = self._engine.helpers.get("grad_scaler")
         scaled = scaler.scale if scaler is not None else (lambda loss: loss)
+        schedule = self._engine.schedule
+        if schedule is not None and not schedule.needs_gradient and not schedule.sharpens():
+            # Known before the passes: one backward of the whole loss and the base step.
+            with torch.enable_grad():
+                head_loss, tail_loss = _head_and_tail(closure())
+                scaled(head_loss + tail_loss).backward()
+            self._in_step = True
+            try:
+                self.plain_step(zero_grad=False)
+            finally:
+                self._in_step = False
+            return (head_loss + tail_loss).detach()
         with torch.enable_grad():
             head_loss, tail_loss = _head_and_tail(closure())
             _with_compile_hint(lambda: scaled(head_loss).backward(retain_graph=True))
@@ -91,7 +117,14 @@ class ImbSAM(SharpnessOptimizer):
         try:
             with torch.enable_grad():
                 scaled(tail_loss).backward()
-            self.second_step()
+            self._in_step = True  # a step the schedule does not sharpen ends here, its hooks fired by step()
+            try:
+                if not self._engine.perturb():
+                    self._plain_step_after_perturbation(zero_grad=False)
+                    return (head_loss + tail_loss).detach()
+            finally:
+                self._in_step = False
+            self.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 scaled(_head_and_tail(closure())[1]).backward()
             self._in_step = True

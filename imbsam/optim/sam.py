@@ -36,6 +36,8 @@ class SAM(SharpnessOptimizer):
         adaptive_eta: ASAM's ``eta`` in ``T = |w| + eta``.
         backend: ``"auto"``, ``"reference"``, ``"cpp"``, ``"cuda"`` or ``"triton"`` (see
             ``imbsam.available_backends()``).
+        schedule: which steps sharpen (``imbsam.schedules``: ``Periodic``, ``Bernoulli``,
+            ``AESAM``); None, every step.
 
     A non-finite first gradient skips the whole step: weights and momentum are left as
     they were (on the fused SGD path this is decided on the device, with no host sync).
@@ -44,17 +46,29 @@ class SAM(SharpnessOptimizer):
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, backend: str = "auto",
-                 adaptive_eta: float = 0.01, **kwargs):
-        super().__init__(params, base_optimizer, rho, adaptive, adaptive_eta, backend, **kwargs)
+                 adaptive_eta: float = 0.01, schedule=None, **kwargs):
+        super().__init__(params, base_optimizer, rho, adaptive, adaptive_eta, backend, schedule, **kwargs)
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = True) -> None:
-        """After the first backward: compute e from the gradients and move to w + e."""
-        self._engine.perturb()
+    def first_step(self, zero_grad: bool = True) -> bool:
+        """After the first backward: compute e from the gradients and move to w + e.
+
+        Returns True. With a ``schedule`` that does not sharpen this step it takes the base
+        step on ``g`` instead (no perturbation) and returns False: then the step is done, and
+        no second pass or ``second_step()`` follows::
+
+            if opt.first_step():
+                loss_fn(model(x), y).backward()
+                opt.second_step()
+        """
+        if not self._engine.perturb():
+            self._plain_step_after_perturbation(zero_grad)
+            return False
         if zero_grad:
             self.zero_grad(set_to_none=True)
         else:
             self._engine.leave_grads()
+        return True
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = True, found_inf=None) -> None:
@@ -74,8 +88,9 @@ class SAM(SharpnessOptimizer):
     def step(self, closure=None):
         """One SAM step; ``closure`` computes the loss, calls ``backward()`` and returns the loss.
 
-        It is called twice (at w and at w + e). Gradients of the second call are left in
-        ``.grad``, as ``torch.optim`` optimizers leave theirs. Returns the first loss.
+        It is called twice (at w and at w + e), once on a step the schedule does not sharpen.
+        Gradients of the last call are left in ``.grad``, as ``torch.optim`` optimizers leave
+        theirs. Returns the first loss.
         """
         if closure is None:
             self._refuse_step_without_closure("a closure that computes the loss and calls backward() (SAM "
@@ -83,7 +98,14 @@ class SAM(SharpnessOptimizer):
                                               "second_step() yourself")
         closure = torch.enable_grad()(closure)
         loss = closure()
-        self.first_step(zero_grad=True)
+        self._in_step = True  # a step the schedule does not sharpen is taken here, its hooks fired by step()
+        try:
+            if not self._engine.perturb():
+                self._plain_step_after_perturbation(zero_grad=False)
+                return loss
+        finally:
+            self._in_step = False
+        self.zero_grad(set_to_none=True)
         try:
             closure()
             self._in_step = True
