@@ -377,3 +377,48 @@ def test_tail_passes_subset_refuses_what_it_cannot_be(cifar_root, tmp_path, extr
     with pytest.raises(SystemExit, match=f"--tail-passes subset: .*{says}"):
         main(args(cifar_root, str(tmp_path / "run"), "--tail-passes", "subset", *extra))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sharpness_schedule_resumes_identically_and_is_a_resume_key(cifar_root, tmp_path):
+    """--sharpness-schedule: the schedule's state (AE-SAM's statistics, its step count) is in
+    the checkpoint, so a run split in two sharpens the same steps as one run."""
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    sched = ["--opt", "sam", "--sharpness-schedule", "aesam"]
+    metrics = main(args(cifar_root, straight, *sched))
+    assert metrics["args"]["sharpness_schedule"] == "aesam" and metrics["sharpened"]["steps"] == 12
+    assert 0 < metrics["sharpened"]["sharpened"] <= 12
+    main(args(cifar_root, split, *sched, "--max-epochs-this-run", "1"))
+    main(args(cifar_root, split, *sched, "--resume"))
+    a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
+    b = torch.load(os.path.join(split, "checkpoint.pt"), weights_only=False)
+    assert a["optimizer"]["imbsam_sharpness_schedule"]["steps"] == 2 * 6  # 2 epochs of 6 batches of 16
+    assert torch.equal(a["optimizer"]["imbsam_sharpness_schedule"]["mean"],
+                       b["optimizer"]["imbsam_sharpness_schedule"]["mean"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    with pytest.raises(SystemExit, match="sharpness_schedule='periodic:2' \\(checkpoint: 'aesam'\\)"):
+        main(args(cifar_root, split, "--opt", "sam", "--sharpness-schedule", "periodic:2", "--resume"))
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--sharpness-schedule", "periodic:0"], "allowed are every"), (["--sharpness-schedule", "bernoulli:2"], "P in"),
+    (["--sharpness-schedule", "often"], "allowed are"), (["--opt", "sgd", "--sharpness-schedule", "periodic:2"],
+                                                         "--opt sgd never does"),
+    (["--sharpness-schedule", "periodic:2", "--cuda-graph"], "drop --cuda-graph")])
+def test_a_sharpness_schedule_refuses_what_it_cannot_be(cifar_root, tmp_path, extra, says):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match=says):
+        main(args(cifar_root, out, *extra))
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("spec", ["periodic:2", "bernoulli:0.5"])
+def test_imbsam_with_a_sharpness_schedule_and_tail_sample_passes_trains(cifar_root, tmp_path, spec):
+    out = str(tmp_path / "run")
+    metrics = main(args(cifar_root, out, "--opt", "imbsam", "--eta", "6", "--tail-passes", "subset", "--model",
+                        "resnet32-gn", "--epochs", "1", "--sharpness-schedule", spec))
+    assert metrics["args"]["sharpness_schedule"] == spec and 0 <= metrics["all"] <= 100
+    if spec == "periodic:2":  # steps 0, 2, 4 of the 6
+        assert metrics["sharpened"] == dict(steps=6, sharpened=3, fraction=0.5)
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert ck["optimizer"]["imbsam_sharpness_schedule"]["steps"] == 6  # batches in the epoch

@@ -5,6 +5,7 @@ import argparse
 import math
 
 from imbsam.backends import BACKENDS
+from imbsam.train import sharpening
 from imbsam.train.data.sources import DATASETS
 from imbsam.train.models import MODELS
 from imbsam.train.schedule import DEFAULT_LR_SCHEDULE, LR_SCHEDULE_OF_OLDER_RUNS, LR_SCHEDULES
@@ -17,7 +18,7 @@ COMPILE_BACKENDS = ("inductor", "aot_eager")
 # What runs recorded before an option existed used (their saved args lack it): the one
 # place a checkpoint's or a metrics file's arguments are completed (resume, seed tables).
 DEFAULTS_OF_OLDER_RUNS = {"lr_schedule": LR_SCHEDULE_OF_OLDER_RUNS, "perturbed_bn_stats": "update", "sync_bn": False,
-                          "tail_passes": "full"}
+                          "tail_passes": "full", "sharpness_schedule": sharpening.DEFAULT}
 
 
 def as_recorded(args: dict) -> dict:
@@ -61,6 +62,11 @@ def parser() -> argparse.ArgumentParser:
                         "batch (full: the paper's) or on the batch's tail samples alone (subset: about one SGD "
                         "iteration's cost plus the tail's share; the same step without BatchNorm, an approximation "
                         "with it; one host sync a step, so not with --cuda-graph)")
+    m.add_argument("--sharpness-schedule", default=sharpening.DEFAULT, metavar="SPEC",
+                   help="which steps of SAM and ImbSAM sharpen; the others are plain SGD steps with one forward "
+                        "and one backward (aesam: ImbSAM's tail backward too). "
+                        + "; ".join(f"{k}: {v}" for k, v in sharpening.SPECS.items())
+                        + ". Not with --cuda-graph (the host decides which passes run)")
     m.add_argument("--sync-bn", action="store_true",
                    help="under torchrun, normalise BatchNorm over the global batch (torch's SyncBatchNorm, CUDA "
                         "only), as one process does; without it each rank normalises its own share")
@@ -121,6 +127,7 @@ def validate(args: argparse.Namespace) -> None:
         if not math.isfinite(value) or value < low or (value == low and not inclusive):
             relation = ">=" if inclusive else ">"
             raise SystemExit(f"{option} must be a finite number {relation} {low:g}, got {value!r}")
+    sharpening.parse(args.sharpness_schedule)
     # Heavy-ball momentum sums past gradients with weights momentum^k: from 1 on they never fade.
     if args.momentum >= 1:
         raise SystemExit(f"--momentum must be in [0, 1) (the paper's is 0.9), got {args.momentum!r}")

@@ -12,6 +12,7 @@ import torch
 
 import imbsam
 from imbsam import backends
+from imbsam.train import sharpening
 from imbsam.train.checkpoint import load_checkpoint, save_checkpoint, write_json
 from imbsam.train.config import as_recorded, validate
 from imbsam.train.data import ACCURACY_KEYS, shot_split
@@ -35,7 +36,7 @@ from imbsam.train.step import GraphedStep, make_step
 # Options that must match between a checkpoint and the run that resumes it.
 RESUME_KEYS = ("dataset", "imb_factor", "model", "opt", "rho", "eta", "tail_weight", "lr", "momentum",
                "weight_decay", "lr_schedule", "epochs", "batch_size", "seed", "amp", "cuda_graph",
-               "perturbed_bn_stats", "sync_bn", "tail_passes")
+               "perturbed_bn_stats", "sync_bn", "tail_passes", "sharpness_schedule")
 
 
 class Log:
@@ -89,14 +90,15 @@ def divergence(stats: dict, model: torch.nn.Module, num_classes: int) -> str | N
     return f"weights are not finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else None
 
 
-def build_optimizer(args, model, device):
+def build_optimizer(args, model, device, steps_per_epoch: int):
     # A device tensor lr under CUDA graphs: the captured step reads it, the scheduler updates it.
     lr = torch.tensor(args.lr, device=device) if args.cuda_graph else args.lr
     kw = dict(lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     if args.opt == "sgd":
         return torch.optim.SGD(model.parameters(), fused=args.cuda_graph, **kw)
     cls = imbsam.SAM if args.opt == "sam" else imbsam.ImbSAM
-    return cls(model.parameters(), torch.optim.SGD, rho=args.rho, backend=args.backend, **kw)
+    schedule = sharpening.build(args.sharpness_schedule, args.seed, args.epochs * steps_per_epoch)
+    return cls(model.parameters(), torch.optim.SGD, rho=args.rho, backend=args.backend, schedule=schedule, **kw)
 
 
 def normalised_over_ranks(model: torch.nn.Module, sync_bn: bool, ranks) -> torch.nn.Module:
@@ -161,6 +163,11 @@ def run(args: argparse.Namespace) -> dict | None:
         why = subset_tail_passes_problem(args)
         if why:
             raise SystemExit(f"--tail-passes subset: {why}")
+    if args.sharpness_schedule != sharpening.DEFAULT and (args.opt == "sgd" or args.cuda_graph):
+        raise SystemExit(f"--sharpness-schedule {args.sharpness_schedule}: "
+                         + ("it chooses which steps of SAM and ImbSAM sharpen; --opt sgd never does"
+                            if args.opt == "sgd" else "the host decides which passes a step runs, which a CUDA "
+                            "graph cannot replay; drop --cuda-graph"))
     if args.compile and (args.cuda_graph or ranks.distributed):  # neither combination has run yet
         raise SystemExit(f"--compile {args.compile}: not together with "
                          f"{'--cuda-graph' if args.cuda_graph else f'{ranks.world} ranks'} (not tested); "
@@ -218,12 +225,12 @@ def _run(args: argparse.Namespace, started: float, ranks, device: torch.device) 
                                   ranks)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(args, model, device)
-    net = compiled(data_parallel(args, model, optimizer, ranks, device), args.compile, args.opt)
-    scheduler = cosine_schedule(optimizer, args.epochs, args.lr_schedule)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     train_loader = DeviceLoader(data.train_x, data.train_y, args.batch_size, data.mean, data.std, device, train=True,
                                 generator=generator, drop_last=args.cuda_graph, channels_last=args.channels_last)
+    optimizer = build_optimizer(args, model, device, len(train_loader))
+    net = compiled(data_parallel(args, model, optimizer, ranks, device), args.compile, args.opt)
+    scheduler = cosine_schedule(optimizer, args.epochs, args.lr_schedule)
     test_loader = DeviceLoader(data.test_x, data.test_y, 500, data.mean, data.std, device, train=False,
                                channels_last=args.channels_last)
     amp = torch.bfloat16 if args.amp == "bf16" else None
@@ -257,18 +264,24 @@ def _run(args: argparse.Namespace, started: float, ranks, device: torch.device) 
         f"{args.opt} (backend {backend}), {args.epochs} epochs (cosine lr, {args.lr_schedule}'s order), "
         f"batch {args.batch_size}" + (f" over {ranks.world} ranks" if ranks.distributed else "")
         + (f"; the model compiled with {args.compile} (its first steps compile)" if args.compile else "")
-        + ("; ImbSAM's tail passes on the tail samples only" if args.tail_passes == "subset" else ""))
+        + ("; ImbSAM's tail passes on the tail samples only" if args.tail_passes == "subset" else "")
+        + (f"; sharpening {sharpening.describe(args.sharpness_schedule)}"
+           if args.sharpness_schedule != sharpening.DEFAULT else ""))
 
     stop_after = None if args.max_epochs_this_run is None else start_epoch + args.max_epochs_this_run
     slowest_epoch_s = 0.0
+    schedule = getattr(optimizer, "schedule", None)
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         lr = current_lr(optimizer)
+        counted = (schedule.steps, schedule.sharpened) if schedule is not None else None
         stats = train_epoch(step, shards or train_loader, lambda: current_lr(optimizer),
                             progress=not args.no_progress and ranks.main, desc=f"epoch {epoch + 1}/{args.epochs}",
                             sum_over_ranks=lambda t: sum_over_ranks(ranks, t), world=ranks.world)
         scheduler.step()
         record = dict(epoch=epoch + 1, lr=lr, **stats)
+        if counted is not None:  # what the epoch's passes cost: the share of its steps that sharpened
+            record["sharpened"] = (schedule.sharpened - counted[1]) / max(schedule.steps - counted[0], 1)
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             per_class = per_class_accuracy(model, ShardedLoader(test_loader, ranks) if ranks.distributed
                                            else test_loader, data.num_classes, amp,
@@ -286,7 +299,8 @@ def _run(args: argparse.Namespace, started: float, ranks, device: torch.device) 
         tested = (f" | test many {record['many']:.1f} medium {record['medium']:.1f} few {record['few']:.1f} "
                   f"all {record['all']:.1f}" if "all" in record else "")
         log(f"epoch {epoch + 1:3d}/{args.epochs} lr {lr:.2e} loss {stats['train_loss']:.4f} "
-            f"acc {stats['train_acc']:5.1f} {stats['images_per_s']:7.0f} img/s {record['epoch_s']:6.1f} s{tested}")
+            f"acc {stats['train_acc']:5.1f} {stats['images_per_s']:7.0f} img/s {record['epoch_s']:6.1f} s"
+            + (f" sharpened {100 * record['sharpened']:.0f} %" if "sharpened" in record else "") + tested)
         slowest_epoch_s = max(slowest_epoch_s, record["epoch_s"])
         last = epoch + 1 == args.epochs
         stop = None
@@ -307,10 +321,10 @@ def _run(args: argparse.Namespace, started: float, ranks, device: torch.device) 
         if stop:
             log(f"stopped after epoch {epoch + 1} ({stop}); continue with the same command and --resume")
             return None
-    return finish(args, data, counts, groups, history, wall, device, backend, log, ranks)
+    return finish(args, data, counts, groups, history, wall, device, backend, log, ranks, optimizer)
 
 
-def finish(args, data, counts, groups, history, wall, device, backend, log, ranks) -> dict:
+def finish(args, data, counts, groups, history, wall, device, backend, log, ranks, optimizer) -> dict:
     final = history[-1]
     tested = [h for h in history if "all" in h]
     best = max(tested, key=lambda h: h["all"])
@@ -323,6 +337,10 @@ def finish(args, data, counts, groups, history, wall, device, backend, log, rank
         best_epoch_selected_on_test=dict(epoch=best["epoch"], **{k: best[k] for k in ACCURACY_KEYS}),
         per_class=final["per_class"], counts=counts, groups=groups, eta=args.eta, rho=args.rho,
         args={k: v for k, v in vars(args).items()}, world_size=ranks.world)
+    schedule = getattr(optimizer, "schedule", None)
+    if schedule is not None:
+        metrics["sharpened"] = dict(steps=schedule.steps, sharpened=schedule.sharpened,
+                                    fraction=round(schedule.sharpened / max(schedule.steps, 1), 4))
     if not ranks.main:
         return metrics
     write_json(os.path.join(args.out, "metrics.json"), metrics)

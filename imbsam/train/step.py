@@ -59,6 +59,11 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
     (``resnet32-gn``), or BatchNorm in eval mode. It reads the number of tail samples on the host
     (one sync a step), so it cannot be captured in a CUDA graph. A batch without tail
     samples takes the base step on ``g_H`` (``g_T = g_T' = 0``) with no further pass.
+
+    With a sharpness schedule on the optimizer (``imbsam.schedules``), a step it does not
+    sharpen runs SGD's passes when that is known before them (``Periodic``, ``Bernoulli``:
+    one forward, one backward of the whole loss, ``plain_step()``), and ends at the
+    perturbation phase when it is decided there (``AESAM``: no pass at ``w + e``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
@@ -95,13 +100,15 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
         optimizer.zero_grad(set_to_none=True)
         return loss.detach(), logits.detach()
 
+    # With a sharpness schedule the perturbation phase may take a plain step instead (it
+    # returns False): then the step is done, and no pass at w + e follows.
     def sam(x, y):
         logits = forward(x)
         loss = F.cross_entropy(logits.float(), y)
         weighted(loss, y).backward()
-        optimizer.first_step(zero_grad=True)
-        weighted(F.cross_entropy(perturbed_forward(x).float(), y), y).backward()
-        optimizer.second_step(zero_grad=True)
+        if optimizer.first_step(zero_grad=True):
+            weighted(F.cross_entropy(perturbed_forward(x).float(), y), y).backward()
+            optimizer.second_step(zero_grad=True)
         return loss.detach(), logits.detach()
 
     def imbsam(x, y):
@@ -110,10 +117,22 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
         weighted(head, y).backward(retain_graph=True)
         optimizer.first_step()
         weighted(tail, y).backward()
-        optimizer.second_step()
-        weighted(split(perturbed_forward(x), y)[1], y).backward()  # the paper's full-batch second forward
-        optimizer.third_step()
+        if optimizer.second_step():
+            weighted(split(perturbed_forward(x), y)[1], y).backward()  # the paper's full-batch second forward
+            optimizer.third_step()
         return (head + tail).detach(), logits.detach()
+
+    def plain(x, y):
+        """A step the schedule does not sharpen, known before the passes: SGD's passes."""
+        logits = forward(x)
+        if method == "imbsam":
+            head, tail = split(logits, y)
+            loss = head + tail
+        else:
+            loss = F.cross_entropy(logits.float(), y)
+        weighted(loss, y).backward()
+        optimizer.plain_step()
+        return loss.detach(), logits.detach()
 
     batch_norms = [m for m in tail_model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
@@ -135,23 +154,34 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
         weighted(head, y).backward()  # the head's graph alone: the tail's passes follow on its samples
         optimizer.first_step()
         index = split.tail_classes[y].nonzero().squeeze(1)  # the step's host sync
+        def zero_tail_grads():
+            for p in tail_model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+
         if index.numel() == 0:  # L_T = 0 here: g_T = g_T' = 0 and e = 0, the base step on g_H
-            for phase in (optimizer.second_step, optimizer.third_step):
-                for p in tail_model.parameters():
-                    if p.requires_grad:
-                        p.grad = torch.zeros_like(p)
-                phase()
+            zero_tail_grads()
+            if optimizer.second_step():
+                zero_tail_grads()
+                optimizer.third_step()
         else:
             xs, ys = x[index], y[index]
             weighted(tail_loss_of(xs, ys, y.numel()), y).backward()
-            optimizer.second_step()
-            weighted(tail_loss_of(xs, ys, y.numel()), y).backward()
-            optimizer.third_step()
+            if optimizer.second_step():
+                weighted(tail_loss_of(xs, ys, y.numel()), y).backward()
+                optimizer.third_step()
         return (head + tail).detach(), logits.detach()
 
-    if method == "imbsam" and tail_passes == "subset":
-        return imbsam_on_the_tail_samples
-    return {"sgd": sgd, "sam": sam, "imbsam": imbsam}[method]
+    steps = {"sgd": sgd, "sam": sam, "imbsam": imbsam_on_the_tail_samples if tail_passes == "subset" else imbsam}
+    sharpened = steps[method]
+    schedule = getattr(optimizer, "schedule", None)
+    if schedule is None or schedule.needs_gradient:
+        return sharpened
+
+    def scheduled(x, y):
+        return sharpened(x, y) if optimizer.sharpens() else plain(x, y)
+
+    return scheduled
 
 
 class GraphedStep:
