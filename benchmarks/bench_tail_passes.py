@@ -1,5 +1,12 @@
-"""What a training iteration costs with ImbSAM's tail passes on the tail samples alone,
-beside SGD, SAM and the paper's ImbSAM, as ratios to SGD measured in the same run.
+"""What a training iteration costs with ImbSAM's tail passes on the tail samples alone and
+with sharpness schedules, beside SGD, SAM and the paper's ImbSAM, as ratios to SGD measured
+in the same run.
+
+A method is ``BASE`` or ``BASE@SCHEDULE``: BASE one of sgd, sam, imbsam, imbsam-tail (the
+tail-sample passes), SCHEDULE a ``--sharpness-schedule`` of the trainer (``periodic:4``,
+``bernoulli:0.25``, ``aesam``). A scheduled method's steps differ in cost, so every method is
+timed as the mean over a run of consecutive steps (``--reps``, a multiple of the periods
+timed), and the share of steps that sharpened is recorded beside it.
 
 ResNet-32 with GroupNorm (``resnet32-gn``: the subset passes are exact only without
 BatchNorm's batch coupling, and refuse it) on Fashion-MNIST-LT-shaped batches
@@ -18,26 +25,42 @@ import itertools
 import os
 import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import imbsam  # noqa: E402
+from imbsam.train import sharpening  # noqa: E402
 from imbsam.train.data import long_tail_counts  # noqa: E402
 from imbsam.train.models import build_model  # noqa: E402
 from imbsam.train.step import make_step  # noqa: E402
 
-from bench_common import machine_info, median_ms, record_meta, write_records  # noqa: E402
+from bench_common import machine_info, record_meta, write_records  # noqa: E402
 
-# name -> (make_step's method, its tail_passes)
-METHODS = {"sgd": ("sgd", "full"), "sam": ("sam", "full"), "imbsam": ("imbsam", "full"),
-           "imbsam-tail": ("imbsam", "subset")}
+# base name -> (make_step's method, its tail_passes)
+BASES = {"sgd": ("sgd", "full"), "sam": ("sam", "full"), "imbsam": ("imbsam", "full"),
+         "imbsam-tail": ("imbsam", "subset")}
+DEFAULT_METHODS = ("sgd", "sam", "imbsam", "imbsam-tail", "sam@periodic:2", "sam@aesam", "imbsam@periodic:4",
+                   "imbsam@bernoulli:0.25", "imbsam@aesam", "imbsam-tail@periodic:4", "imbsam-tail@aesam")
 FMNIST_N_MAX = 6000  # training images of each Fashion-MNIST class
 MODEL = "resnet32-gn"
 
 
-def build(name: str, counts: list, device: torch.device, backend: str):
-    method, tail_passes = METHODS[name]
+def parse_method(name: str) -> tuple[str, str]:
+    """``(base, schedule spec)``; SystemExit naming what is allowed."""
+    base, _, spec = name.partition("@")
+    if base not in BASES or (spec and base == "sgd"):
+        raise SystemExit(f"--methods: {name!r}; a method is BASE or BASE@SCHEDULE, BASE one of "
+                         f"{', '.join(BASES)} (sgd without a schedule)")
+    spec = spec or sharpening.DEFAULT
+    sharpening.parse(spec)
+    return base, spec
+
+
+def build(name: str, counts: list, device: torch.device, backend: str, total_steps: int):
+    base, spec = parse_method(name)
+    method, tail_passes = BASES[base]
     torch.manual_seed(0)
     model = build_model(MODEL, len(counts), 1).to(device)
     kw = dict(lr=0.01, momentum=0.9, weight_decay=1e-3)
@@ -45,9 +68,22 @@ def build(name: str, counts: list, device: torch.device, backend: str):
         opt = torch.optim.SGD(model.parameters(), **kw)
     else:
         cls = imbsam.SAM if method == "sam" else imbsam.ImbSAM
-        opt = cls(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend, **kw)
+        opt = cls(model.parameters(), torch.optim.SGD, rho=0.05, backend=backend,
+                  schedule=sharpening.build(spec, seed=0, total_steps=total_steps), **kw)
     split = imbsam.HeadTailLoss(counts).to(device)
-    return make_step(method, model, opt, split, tail_passes=tail_passes)
+    return make_step(method, model, opt, split, tail_passes=tail_passes), getattr(opt, "schedule", None)
+
+
+def mean_ms_per_step(step, batches, device: torch.device, n: int) -> float:
+    """The mean time of ``n`` consecutive steps: a schedule's cheap and dear steps together."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step(*next(batches))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3 / n
 
 
 def long_tailed_batches(counts: list, batch: int, n: int, device: torch.device, seed: int = 0):
@@ -63,16 +99,19 @@ def main(argv=None):
     ap.add_argument("--backend", default="auto", help="imbsam's backend for SAM and ImbSAM")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--imb-factor", type=float, default=100.0)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help="BASE or BASE@SCHEDULE, comma-separated; sgd must be one (the ratios are to it)")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=6, help="iterations per method in each round")
+    ap.add_argument("--reps", type=int, default=8,
+                    help="consecutive iterations per method in each round, timed together (a multiple of every "
+                         "periodic schedule's period)")
     ap.add_argument("--out", default="runs/bench/tail_passes.json")
     args = ap.parse_args(argv)
     names = args.methods.split(",")
-    unknown = [n for n in names if n not in METHODS]
-    if unknown or "sgd" not in names:
-        raise SystemExit(f"--methods: {', '.join(unknown) or 'sgd is missing'}; allowed: {', '.join(METHODS)} "
-                         "(sgd included: the ratios are to it)")
+    for name in names:
+        parse_method(name)
+    if "sgd" not in names:
+        raise SystemExit("--methods: sgd is missing (the ratios are to it)")
     device = torch.device(args.device)
     counts = long_tail_counts(FMNIST_N_MAX, 10, args.imb_factor)
     data = long_tailed_batches(counts, args.batch, args.reps, device)
@@ -81,21 +120,31 @@ def main(argv=None):
     info = machine_info(device)
     print(f"{MODEL}, Fashion-MNIST-LT batches of {args.batch} (IF {args.imb_factor:g}: tail samples "
           f"{100 * tail_share:.1f} % of them), on {info.get('gpu') or info.get('cpu')}, {info['threads']} threads")
-    steps = {name: build(name, counts, device, args.backend) for name in names}
+    warmup = max(4, args.reps)  # whole periods: the timed steps start where a period does
+    built = {name: build(name, counts, device, args.backend, warmup + args.rounds * args.reps) for name in names}
     rounds = {name: [] for name in names}
     batches = {name: itertools.cycle(data) for name in names}  # every method steps on the same batches
+    for name, (step, _) in built.items():
+        mean_ms_per_step(step, batches[name], device, warmup)
+    counted = {name: (s.steps, s.sharpened) if s is not None else None for name, (_, s) in built.items()}
     for _ in range(args.rounds):
-        for name, step in steps.items():
-            rounds[name].append(median_ms(lambda: step(*next(batches[name])), device, args.reps, warmup=1))
+        for name, (step, _) in built.items():
+            rounds[name].append(mean_ms_per_step(step, batches[name], device, args.reps))
     ms = {name: statistics.median(r) for name, r in rounds.items()}
     records = []
     for name in names:
         ratio = ms[name] / ms["sgd"]
-        print(f"  {name:12s} {ms[name]:8.1f} ms/iter  {ratio:5.2f}x SGD   (rounds: "
-              f"{', '.join(f'{t:.1f}' for t in rounds[name])})")
+        schedule = built[name][1]
+        sharpened = None if schedule is None else round(
+            (schedule.sharpened - counted[name][1]) / (schedule.steps - counted[name][0]), 4)
+        share = "" if sharpened is None else f", {100 * sharpened:.0f} % of steps sharpened"
+        print(f"  {name:22s} {ms[name]:8.1f} ms/iter  {ratio:5.2f}x SGD   (rounds: "
+              f"{', '.join(f'{t:.1f}' for t in rounds[name])}{share})")
+        base, spec = parse_method(name)
         records.append(dict(bench="tail_passes", model=MODEL, data="fmnist-lt-shaped", dtype="float32",
                             batch=args.batch,
                             imb_factor=args.imb_factor, tail_share=round(tail_share, 4), method=name,
+                            schedule=spec, sharpened_share=1.0 if sharpened is None and base != "sgd" else sharpened,
                             backend="torch" if name == "sgd" else args.backend, ms=round(ms[name], 3),
                             ratio_to_sgd=round(ratio, 3), rounds_ms=[round(t, 3) for t in rounds[name]],
                             reps=args.reps, device=device.type, **info, **record_meta(argv)))

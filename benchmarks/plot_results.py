@@ -121,11 +121,14 @@ def plot_tail_passes(records: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names)), 4.0))
     ax.bar(names, [r["ratio_to_sgd"] for r in records], color=[f"C{k}" for k in range(len(names))])
     for k, r in enumerate(records):
-        ax.text(k, r["ratio_to_sgd"], f"{r['ratio_to_sgd']:.2f}x\n{r['ms']:.0f} ms", ha="center", va="bottom",
-                fontsize=8)
+        share = r.get("sharpened_share")
+        sharpened = f"\n{100 * share:.0f} % SAM" if share is not None and share < 1 else ""
+        ax.text(k, r["ratio_to_sgd"], f"{r['ratio_to_sgd']:.2f}x\n{r['ms']:.0f} ms{sharpened}", ha="center",
+                va="bottom", fontsize=7)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     ax.axhline(TAIL_TARGET_RATIO, color="black", ls="--", lw=1, label=f"{TAIL_TARGET_RATIO}x SGD (the target)")
     ax.set_ylabel("iteration time / SGD's (same run)")
-    ax.set_ylim(0, 1.2 * max(r["ratio_to_sgd"] for r in records))
+    ax.set_ylim(0, 1.3 * max(r["ratio_to_sgd"] for r in records))
     ax.grid(axis="y", alpha=0.3)
     r0 = records[0]
     ax.set_title(f"training iteration, {r0['model']}, batch {r0['batch']} ({100 * r0['tail_share']:.1f} % tail "
