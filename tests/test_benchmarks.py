@@ -96,10 +96,22 @@ def test_train_iter(tmp_path):
 
 def test_tail_passes(tmp_path):
     records = run_benchmark(tmp_path, "bench_tail_passes.py", "--batch", "8", "--rounds", "1", "--reps", "1")
-    assert [r["method"] for r in records] == ["sgd", "sam", "imbsam", "imbsam-tail"]
+    assert [r["method"] for r in records] == ["sgd", "sam", "imbsam", "imbsam-tail", "sam@periodic:2", "sam@aesam",
+                                              "imbsam@periodic:4", "imbsam@bernoulli:0.25", "imbsam@aesam",
+                                              "imbsam-tail@periodic:4", "imbsam-tail@aesam"]
     assert records[0]["ratio_to_sgd"] == 1.0 and all(r["ratio_to_sgd"] > 0 for r in records)
+    shares = {r["method"]: r["sharpened_share"] for r in records}
+    # Timed after a warm-up of whole periods: one step in 2 (or 4) of the one timed.
+    assert shares["sgd"] is None and shares["imbsam"] == 1.0 and shares["sam@periodic:2"] == 1.0
+    assert shares["imbsam@periodic:4"] == 1.0 and 0 <= shares["imbsam@aesam"] <= 1
     assert 0 <= records[0]["tail_share"] < 0.5
     assert_plotted(tmp_path)
+
+
+def test_tail_passes_refuses_an_unknown_method(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_tail_passes.py"), "--methods",
+                             "sgd,sgd@periodic:2", "--out", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert result.returncode != 0 and "sgd without a schedule" in result.stderr and not (tmp_path / "r.json").exists()
 
 
 def test_tail_passes_needs_sgd_to_compare_with(tmp_path):
