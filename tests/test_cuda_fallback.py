@@ -61,3 +61,13 @@ def test_a_gpu_with_an_image_gets_the_cuda_backend(old_gpu, monkeypatch):
     assert backends.cuda_image_error(0) is None
     assert backends.resolve("auto", torch.device("cuda", 0)) == "cuda"
 
+
+def test_each_gpu_of_a_mixed_machine_gets_its_own_answer(old_gpu, monkeypatch):
+    """The probe is cached per device index, not under "the current GPU": GPU 0 has a kernel
+    image, GPU 1 (another architecture) has none."""
+    monkeypatch.setattr(torch.ops.imbsam, "cuda_kernel_image_error", lambda index: "" if index == 0 else NO_IMAGE,
+                        raising=False)
+    assert backends.cuda_image_error(None) is None  # the current GPU: 0
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert NO_IMAGE in backends.cuda_image_error(None)
+    assert backends.cuda_image_error(0) is None and NO_IMAGE in backends.cuda_image_error(1)

@@ -166,3 +166,32 @@ def test_what_keeps_the_generic_path(spy):
     assert spy == [], "a subclass, or betas as tensors, take torch's own step"
     train("sam", backend, torch.optim.AdamW, steps=1)
     assert len(spy) == 1
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_a_capture_of_a_step_with_cpu_step_counts_is_refused_before_anything_is_written(backend, monkeypatch):
+    """A CUDA graph would replay neither the host-side step increment nor the bias corrections
+    made from it (torch.optim.Adam refuses the same capture). The capture is stood in for
+    here; capturable=True keeps the steps on the device and is let through."""
+    from imbsam.optim import _fused_adam
+
+    model = small_cnn()
+    opt = imbsam.SAM(model.parameters(), torch.optim.Adam, rho=0.05, backend=backend, lr=2e-3)
+    (x, y), = batches(1, seed=3)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.first_step()
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    monkeypatch.setattr(_fused_adam, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        opt.second_step()
+    assert not opt.base_optimizer.state  # the state the step began to create is forgotten
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), perturbed))
+    opt.abandon_step()
+    capturable = imbsam.SAM(model.parameters(), torch.optim.Adam, rho=0.05, backend=backend, lr=torch.tensor(2e-3),
+                            capturable=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    capturable.first_step()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    capturable.second_step()
+    assert all(s["step"].item() == 1 for s in capturable.base_optimizer.state.values())

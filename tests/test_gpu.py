@@ -225,3 +225,22 @@ def test_triton_runs_on_the_tensors_device_not_the_current_one():
         triton_ops.restore_([a], [b])
     torch.cuda.synchronize(1)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_a_capture_of_adam_with_cpu_step_counts_is_refused(backend):
+    """Plain Adam keeps its step counts on the CPU: a graph would replay no increment."""
+    model = small_cnn().cuda()
+    opt = imbsam.SAM(model.parameters(), torch.optim.Adam, rho=0.05, backend=backend, lr=1e-3)
+    split = imbsam.HeadTailLoss(COUNTS).cuda()
+    x, y = torch.randn(16, 3, 8, 8, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        full_step("sam", model, opt, split, x, y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        with torch.cuda.graph(graph):
+            full_step("sam", model, opt, split, x, y)
+    opt.abandon_step()

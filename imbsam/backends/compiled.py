@@ -62,11 +62,16 @@ def cuda_unusable_at(device: torch.device) -> "str | None":
     return cuda_image_error(device.index)
 
 
-@functools.lru_cache(maxsize=None)
 def cuda_image_error(device_index: int | None) -> str | None:
     """Why imbsam's CUDA kernels cannot run on this GPU (None when they can): a library
-    built for other architectures has no kernel image for it. Asked once per device."""
-    index = torch.cuda.current_device() if device_index is None else device_index
+    built for other architectures has no kernel image for it. ``None``: the current GPU.
+    Asked once per device (cached by its index, so that a machine with GPUs of two
+    architectures gets each one's answer)."""
+    return _image_error_of(torch.cuda.current_device() if device_index is None else device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _image_error_of(index: int) -> str | None:
     probe = getattr(torch.ops.imbsam, "cuda_kernel_image_error", None) if LOADED else None
     if probe is None:
         return "imbsam._C was built without its CUDA kernels"

@@ -97,7 +97,7 @@ def backends_for(device_type: str, fast_only: bool = False, emulated: bool = Tru
 
 def clear_caches() -> None:
     """Forgets what was probed (for tests that change what the machine seems to have)."""
-    for cached in (_usable_devices, _available, _backends_for, _auto, compiled.cuda_image_error):
+    for cached in (_usable_devices, _available, _backends_for, _auto, compiled._image_error_of):
         cached.cache_clear()
 
 

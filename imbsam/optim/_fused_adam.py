@@ -52,6 +52,13 @@ def fused_adam_calls(base: torch.optim.Optimizer, group, ps, gs, bs, hs, found_i
     restore."""
     if not ps:
         return []
+    if _capturing(ps[0].device) and not (group.get("capturable", False) or group.get("fused", False)):
+        # torch.optim.Adam refuses this capture too: the graph would replay neither the step
+        # counts' host increment nor the bias corrections made from them.
+        raise RuntimeError(f"imbsam: a CUDA-graph capture of {type(base).__name__}'s fused step with its step counts "
+                           "on the CPU (capturable=False, torch's default): a replay would increment no step count "
+                           "and keep the bias corrections of the captured step. Build the base optimizer with "
+                           "capturable=True (or fused=True), as torch.optim.Adam itself requires for capture")
     state = base.state
     amsgrad = group["amsgrad"]
     for p in ps:
@@ -89,6 +96,10 @@ def fused_adam_calls(base: torch.optim.Optimizer, group, ps, gs, bs, hs, found_i
         pairs = [(sp, sg, True), (sp, sh, False)] if has_head else [(sp, sg, True)]
         calls.append((pairs, "restore_adam_step_", args))
     return calls
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def forget_created(base: torch.optim.Optimizer, created: list) -> None:

@@ -34,14 +34,18 @@ class Tables:
         self.streams: set = set()
         if device.type == "cuda":
             # Pinned source + non_blocking: the copy is queued on the stream, no host sync.
-            # The pinned tensors stay referenced: a graph that captured this copy replays it.
-            self._host = [h.pin_memory() for h in host]
+            # In a capture the source stays pageable: the pinned allocator has failed under
+            # capture in earlier torch versions (it queries events), while a non_blocking copy
+            # from pageable memory is captured as a copy node that reads it at each replay.
+            # The host tensors stay referenced: a graph that captured this copy replays it.
+            capturing = torch.cuda.is_current_stream_capturing()
+            self._host = host if capturing else [h.pin_memory() for h in host]
             stream = torch.cuda.current_stream(device)
             self.addrs, self.sizes, self.chunk_tensor, self.chunk_start, self.index = (
                 h.to(device, non_blocking=True) for h in self._host)
             self.streams.add(stream)
             self.ready = torch.cuda.Event()
-            if not torch.cuda.is_current_stream_capturing():  # a captured plan is never used eagerly
+            if not capturing:  # a captured plan is never used eagerly
                 self.ready.record(stream)
         else:
             self.addrs, self.sizes, self.chunk_tensor, self.chunk_start, self.index = host
