@@ -418,3 +418,30 @@ def test_a_compiled_step_with_a_grad_scaler_trains_as_eager(method):
     assert float(done.stdout.strip().splitlines()[-1]) < 1e-5
     with pytest.raises(ValueError, match=r"fullgraph=True.*use torch.compile\(step\)"):
         imbsam.compile_step(lambda x: x, fullgraph=False)
+
+
+@pytest.mark.skipif(not (TRACES_BACKWARD and COMPILES_MUTABLE_LISTS),
+                    reason="this torch cannot trace backward() or the ops into a graph")
+def test_compile_step_with_a_grad_scaler_is_refused_by_dynamo_before_anything_is_written():
+    """The helper table's cell: dynamo will not trace GradScaler.scale into one graph, and says
+    so at the first call, before any phase has run (plain torch.compile(step) trains instead)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = imbsam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend="cpp")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    imbsam.use_grad_scaler(opt, scaler)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def step(x, y):
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        opt.first_step()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        opt.second_step()
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(Exception, match="GradScaler.scale"):
+        imbsam.compile_step(step, backend="aot_eager")(x, y)
+    assert opt._engine.phase == "idle" and not opt.state
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
