@@ -2,8 +2,8 @@
 # cut rather than overrun it, and a record of the machine. Expects OUT, LOG, BUDGET, PY.
 START=$(date +%s)
 
-seconds_left() {  # what is left of the budget, less a small margin for packing up
-  echo $(( BUDGET - ($(date +%s) - START) - 5 ))
+seconds_left() {  # what is left of the budget, less a margin for a cut stage's exit and packing up
+  echo $(( BUDGET - ($(date +%s) - START) - 20 ))
 }
 
 limit_for() {  # the stage's own limit, or what is left of the budget if less
@@ -22,10 +22,10 @@ record_machine() {  # FILE: GPU, driver, torch, triton, nvcc, commit, date
   } > "$1" 2>&1
 }
 
-stage() {  # stage NAME LIMIT_S COMMAND...: runs, logs, never stops the script; sets STAGE_RC
-  local name=$1 limit
-  limit=$(limit_for "$2")
-  shift 2
+run_stage() {  # SIGNAL OUTFILE NAME LIMIT_S COMMAND...: runs, logs, never stops the script; sets STAGE_RC
+  local signal=$1 outfile=$2 name=$3 limit
+  limit=$(limit_for "$4")
+  shift 4
   if (( limit < 10 )); then
     echo "== $name: skipped, the budget is spent" | tee -a "$LOG"
     STAGE_RC=124
@@ -34,9 +34,14 @@ stage() {  # stage NAME LIMIT_S COMMAND...: runs, logs, never stops the script; 
   echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
   local t0
   t0=$(date +%s)
-  timeout "$limit" "$@" >> "$LOG" 2>&1
+  # SIGNAL at the limit; a command still running 15 s later is killed (within the margin).
+  timeout -s "$signal" -k 15 "$limit" "$@" >> "$outfile" 2>&1
   STAGE_RC=$?
   echo "== $name: rc=$STAGE_RC in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
+}
+
+stage() {  # NAME LIMIT_S COMMAND...: its output into the run's log; cut with SIGTERM
+  run_stage TERM "$LOG" "$@"
 }
 
 build_with_cuda() {  # the package against this machine's torch, CUDA kernels included

@@ -42,23 +42,27 @@ def run_script(name, env, *args):
                           text=True, timeout=120)
 
 
+STAGES = ["build", "backends", "tests", "optimizer_step_resnet34", "ops", "train_iter", "tail_passes",
+          "optimizer_step_vit_b_16", "adam_step_vit_b_16", "python_overhead", "done"]
+
+
 def test_gpu_check_runs_every_stage_in_order(tmp_path, fake_python):
     env, calls = fake_python
     out = tmp_path / "out"
     result = run_script("gpu_check.sh", env, str(out))
     assert result.returncode == 0, result.stderr
     log = (out / "run.log").read_text()
-    stages = ["build", "backends", "tests", "optimizer_step resnet34", "bench_ops", "train_iter",
-              "optimizer_step vit_b_16", "adam_step", "python_overhead", "done"]
-    positions = [log.index(f"== {s}") for s in stages]
+    positions = [log.index(f"== {s}") for s in STAGES]
     assert positions == sorted(positions), log
     assert "skipped" not in log and (out / "env.txt").exists()
     recorded = calls.read_text()
     assert "IMBSAM_BUILD_CUDA" not in recorded  # env is set by `env`, not passed to python
-    for script in ("bench_optimizer_step.py", "bench_ops.py", "bench_train_iter.py", "bench_adam_step.py",
-                   "bench_python_overhead.py"):
-        assert f"benchmarks/{script} --device cuda" in recorded, script
-    assert f"--out {out}/optimizer_step_resnet34.json" in recorded
+    for script in ("bench_optimizer_step.py", "bench_ops.py", "bench_train_iter.py", "bench_tail_passes.py",
+                   "bench_adam_step.py", "bench_python_overhead.py"):
+        assert f"benchmarks/{script} --out " in recorded, script
+    assert all("--device cuda" in line for line in recorded.splitlines() if "benchmarks/" in line)
+    assert "--model vit_b_16" in recorded and "-k gpu or cuda or triton tests/test_gpu.py tests/test_ops.py" in recorded
+    assert sorted(os.listdir(out)) == ["bench.tar.gz", "env.txt", "run.log", "tests.log"]  # the fake writes no XML
 
 
 def test_gpu_check_builds_in_place_when_pip_fails(tmp_path, fake_python):
@@ -75,12 +79,46 @@ def test_gpu_check_builds_in_place_when_pip_fails(tmp_path, fake_python):
 def test_gpu_check_cuts_stages_when_the_budget_is_spent(tmp_path, fake_python):
     env, _ = fake_python
     out = tmp_path / "out"
-    # Each call takes a second: the first stages fit in 22 s, the last ones are cut.
-    result = run_script("gpu_check.sh", dict(env, GPU_CHECK_BUDGET_S="22", FAKE_SECONDS="1"), str(out))
+    # Each call takes a second: the first stages fit in 36 s (less the 20 s kept for a cut
+    # stage's exit and the packing), the last ones are skipped.
+    result = run_script("gpu_check.sh", dict(env, GPU_CHECK_BUDGET_S="36", FAKE_SECONDS="1"), str(out))
     assert result.returncode == 0, result.stderr
     log = (out / "run.log").read_text()
     assert "== build: rc=0" in log and "== tests: rc=0" in log
     assert "== python_overhead: skipped, the budget is spent" in log and "== done" in log
+
+
+def test_gpu_check_skips_the_build_on_a_rerun(tmp_path, fake_python):
+    env, calls = fake_python
+    out = tmp_path / "out"
+    result = run_script("gpu_check.sh", dict(env, GPU_SKIP_BUILD="1"), str(out))
+    assert result.returncode == 0, result.stderr
+    assert "== build: skipped (GPU_SKIP_BUILD=1)" in (out / "run.log").read_text()
+    assert "pip install" not in calls.read_text() and "build_ext" not in calls.read_text()
+
+
+def test_gpu_check_dry_run_on_the_cpu_writes_every_file_it_promises(tmp_path):
+    """GPU_CHECK_DRY=1 with this Python: the real pytest and benchmark scripts with the
+    script's own flags (the device parts stubbed: the CPU, the smallest sizes), end to end."""
+    import json
+    import sys
+    import xml.etree.ElementTree as ElementTree
+
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_DRY="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(out)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    log = (out / "run.log").read_text()
+    for stage in STAGES[1:-1]:
+        assert f"== {stage}: rc=0" in log, log
+    assert sorted(os.listdir(out)) == ["bench.tar.gz", "env.txt", "run.log", "tests.log", "tests.xml"]
+    assert ElementTree.parse(out / "tests.xml").getroot().iter("testcase")
+    with tarfile.open(out / "bench.tar.gz") as archive:
+        names = sorted(n for n in archive.getnames() if n.endswith(".json"))
+        assert names == sorted(f"./{s}.json" for s in STAGES[3:-1])
+        for name in names:
+            assert json.load(archive.extractfile(name)), name
 
 
 def test_gpu_train_packs_each_run_without_its_checkpoint(tmp_path, fake_python):
