@@ -60,6 +60,21 @@ def test_sgd_seeds_are_not_split_by_settings_sgd_ignores():
     assert [g.label for g in groups] == ["sam (rho 0.05)", "sam (rho 0.1)"]
 
 
+def test_tail_passes_and_sharpness_schedules_are_recipes_of_their_own():
+    """A scheduled or tail-pass ImbSAM run is not another seed of the paper's ImbSAM; runs
+    recorded before the options existed count as the paper's passes on every step."""
+    older = run_metrics("imbsam", 1, 88.0)
+    groups = group_by_recipe([("a", older), ("b", run_metrics("imbsam", 2, 87.0, sharpness_schedule="every")),
+                              ("c", run_metrics("imbsam", 1, 86.0, sharpness_schedule="periodic:8")),
+                              ("d", run_metrics("imbsam", 1, 85.0, tail_passes="subset", model="resnet32-gn")),
+                              ("e", run_metrics("sgd", 1, 87.0)),
+                              ("f", run_metrics("sgd", 2, 87.0, tail_passes="full"))])
+    assert [(g.label, g.seeds) for g in groups] == [
+        ("imbsam (model resnet32, tail_passes full, sharpness_schedule every)", [1, 2]),
+        ("imbsam (model resnet32, tail_passes full, sharpness_schedule periodic:8)", [1]),
+        ("imbsam (model resnet32-gn, tail_passes subset, sharpness_schedule every)", [1]), ("sgd", [1, 2])]
+
+
 def test_the_same_seed_twice_is_refused():
     with pytest.raises(ValueError, match="runs/x and runs/y are the same recipe with the same seed \\(7\\)"):
         group_by_recipe([("runs/x", run_metrics("imbsam", 7, 88.0)), ("runs/y", run_metrics("imbsam", 7, 88.0))])

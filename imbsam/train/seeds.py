@@ -15,7 +15,10 @@ from imbsam.train.data.profile import ACCURACY_KEYS
 
 # The arguments that make two runs different experiments rather than two seeds of one.
 RECIPE_KEYS = ("dataset", "imb_factor", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-               "lr_schedule", "rho", "eta", "tail_weight", "amp", "perturbed_bn_stats")
+               "lr_schedule", "rho", "eta", "tail_weight", "amp", "perturbed_bn_stats", "tail_passes",
+               "sharpness_schedule")
+# The keys SGD ignores (SAM's and ImbSAM's settings): they must not split its seeds.
+SHARPNESS_KEYS = ("rho", "eta", "tail_weight", "perturbed_bn_stats", "tail_passes", "sharpness_schedule")
 
 
 def seed_of(metrics: dict):
@@ -25,10 +28,22 @@ def seed_of(metrics: dict):
 def recipe_of(metrics: dict) -> dict:
     args = as_recorded(metrics.get("args", {}))
     recipe = {k: args.get(k, metrics.get(k)) for k in RECIPE_KEYS}
-    if metrics["opt"] == "sgd":  # SGD ignores SAM's and ImbSAM's settings: they must not split its seeds
-        for k in ("rho", "eta", "tail_weight", "perturbed_bn_stats"):
+    if metrics["opt"] == "sgd":
+        for k in SHARPNESS_KEYS:
             recipe[k] = None
     return recipe
+
+
+def method_of(metrics: dict) -> str:
+    """The optimizer with what changes its passes: ``imbsam``, ``imbsam tail passes``,
+    ``imbsam periodic:8``, ``imbsam tail passes periodic:4``."""
+    args = as_recorded(metrics.get("args", {}))
+    parts = [metrics["opt"]]
+    if args.get("tail_passes") == "subset":
+        parts.append("tail passes")
+    if args.get("sharpness_schedule") not in (None, "every"):
+        parts.append(args["sharpness_schedule"])
+    return " ".join(parts)
 
 
 @dataclass

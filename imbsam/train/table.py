@@ -11,7 +11,7 @@ import os
 import sys
 
 from imbsam.train.report import format_table, plot_comparison, plot_seeds, plotting_unavailable
-from imbsam.train.seeds import format_seed_table, group_by_recipe, seed_of
+from imbsam.train.seeds import format_seed_table, group_by_recipe, method_of, seed_of
 
 
 def main(argv=None):
@@ -30,11 +30,11 @@ def main(argv=None):
             m = json.load(f)
         first = first or m
         named.append((run, m))
-        rows.append((f"{m['opt']} seed {seed_of(m)} ({m['epochs']} ep, {m['wall_s']:.0f} s)", m))
+        rows.append((f"{method_of(m)} seed {seed_of(m)} ({m['epochs']} ep, {m['wall_s']:.0f} s)", m))
         if args.plot:
             with open(os.path.join(run, "history.json")) as f:
-                runs.append((m["opt"], m, json.load(f)))
-    opts = [m["opt"] for _, m in named]
+                runs.append((method_of(m), m, json.load(f)))
+    opts = [method_of(m) for _, m in named]
     if len(set(opts)) < len(opts):  # an optimizer twice: the plot's labels name the seeds
         runs = [(f"{label} seed {seed_of(m)}", m, h) for label, m, h in runs]
     setting = f"{first['dataset']} (IF {first['imb_factor']:g}), {first['model']}"
