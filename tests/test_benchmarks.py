@@ -127,3 +127,13 @@ def test_adam_step(tmp_path):
     assert {"reference", "generic-foreach", "generic-fused"} <= backends and "cpp" in backends
     assert all(r["x_floor"] > 0 and r["speedup_vs_generic"] > 0 for r in records)
     assert_plotted(tmp_path)
+
+
+def test_tail_passes_on_the_batchnorm_model_refuses_the_tail_passes(tmp_path):
+    records = run_benchmark(tmp_path, "bench_tail_passes.py", "--batch", "8", "--rounds", "1", "--reps", "1",
+                            "--model", "resnet32", "--methods", "sgd,imbsam@periodic:8")
+    assert [(r["model"], r["method"]) for r in records] == [("resnet32", "sgd"), ("resnet32", "imbsam@periodic:8")]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_tail_passes.py"), "--model",
+                             "resnet32", "--methods", "sgd,imbsam-tail", "--out", str(tmp_path / "r.json")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "refuse --model resnet32's BatchNorm" in result.stderr
