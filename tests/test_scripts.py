@@ -148,3 +148,44 @@ def test_gpu_train_says_where_the_data_must_be(tmp_path, fake_python):
                         "sgd")
     assert result.returncode == 2
     assert "no Fashion-MNIST files" in (tmp_path / "o" / "run.log").read_text()
+
+
+def test_accuracy_against_cost_groups_seeds_and_finds_each_methods_cost(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("accuracy_against_cost",
+                                                  os.path.join(ROOT, "scripts", "accuracy_against_cost.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def run(name, opt, seed, few, **args):
+        d = tmp_path / name
+        d.mkdir()
+        recipe = dict(dataset="fmnist-lt", imb_factor=100.0, model=args.pop("model", "resnet32"), epochs=30,
+                      batch_size=64, lr=0.01, momentum=0.9, weight_decay=1e-3, rho=0.05, eta=240.0, tail_weight=2.0,
+                      amp="none", seed=seed, **args)
+        metrics = dict(opt=opt, many=95.0, medium=70.0, few=few, all=87.0, model=recipe["model"], args=recipe)
+        if args.get("sharpness_schedule", "every") != "every":
+            metrics["sharpened"] = dict(steps=8, sharpened=1, fraction=0.125)
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        (d / "history.json").write_text(json.dumps([{"epoch_s": 10.0 * seed}, {"epoch_s": 12.0 * seed}]))
+        return str(d)
+
+    runs = [run("a", "imbsam", 1, 95.0), run("b", "imbsam", 2, 94.0),
+            run("c", "imbsam", 1, 93.0, sharpness_schedule="periodic:8"),
+            run("d", "imbsam", 1, 92.0, tail_passes="subset", model="resnet32-gn")]
+    costs = tmp_path / "bench.json"
+    costs.write_text(json.dumps([dict(bench="tail_passes", model="resnet32", method="imbsam", ratio_to_sgd=2.8),
+                                 dict(bench="tail_passes", model="resnet32", method="imbsam@periodic:8",
+                                      ratio_to_sgd=1.22),
+                                 dict(bench="tail_passes", model="resnet32-gn", method="imbsam", ratio_to_sgd=9.9)]))
+    rows = script.main([*runs, "--costs", str(costs), "--table", str(tmp_path / "t.md"),
+                        "--plot", str(tmp_path / "p.png")])
+    got = [(r["method"], r["model"], r["seeds"], r["few"][0], r["cost"], r["sharpened"]) for r in rows]
+    assert got == [("imbsam", "resnet32", [1, 2], 94.5, 2.8, 1.0),
+                   ("imbsam periodic:8", "resnet32", [1], 93.0, 1.22, 0.125),
+                   ("imbsam tail passes", "resnet32-gn", [1], 92.0, None, 1.0)]  # no imbsam-tail record
+    table = (tmp_path / "t.md").read_text()
+    assert "| imbsam | resnet32 | 1, 2 | 95.0 ± 0.0 | 70.0 ± 0.0 | 94.5 ± 0.7 |" in table and "not measured" in table
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
