@@ -414,6 +414,50 @@ class SharpnessEngine:
         with_head = self.phase == "head"
         gathered, device = gather(self.base.param_groups)
         heads = self.head_grads if with_head else {}
+        flags = [None, self._head_norm if with_head else None, self._reported_inf, found_inf]
+        if not (device is not None and self._fused_plain_step(gathered, device, heads, flags)):
+            self._generic_plain_step(gathered, device, heads, flags)
+        self._perturbed, self.head_grads, self._head_norm, self._step_norm = {}, {}, None, None
+        self.phase = "idle"
+        if after_perturb_hooks:  # what the helpers keep until the last phase's hooks
+            for helper in self.helpers.values():
+                helper.step_ended_at_perturbation()
+        if self.schedule is not None:
+            self.schedule.step_taken(sharpened=False)
+
+    def _fused_plain_step(self, gathered, device: torch.device, heads: dict, flags: list) -> bool:
+        """The plain step through the backend's fused base step, its weights "restored" from
+        themselves: the op reads w where a restore reads the backup, so one pass moves the
+        bytes of the base step alone, and adds g_H itself. False (nothing written) where the
+        step is not fused, or a parameter has g_H without a gradient now or the reverse."""
+        backend, ops = self._ops(gathered, device)
+        fused = _fused_step_of(self.base, backend)
+        if fused is None or any(index in heads and heads[index][0] != list(map(id, params))
+                                for index, _, params, _ in gathered):
+            return False
+        if set(heads) - {index for index, _, params, _ in gathered if params}:
+            return False  # a group whose parameters only the head loss reached
+        skip = self._skip_flag(flags, device)
+        created: list[Tensor] = []
+        try:
+            calls = [call for index, group, ps, gs in gathered
+                     for call in fused.calls(self.base, group, ps, gs, ps, heads[index][1] if index in heads else None,
+                                             skip, created)]
+            if len(calls) > 1:  # each op checks its own input: none may reject after a write
+                for _, name, args in calls:
+                    _PRECHECKS[name](*args)
+            fire_pre_hooks(self.base)
+            for pairs, name, args in calls:
+                op = getattr(ops, name)
+                guarded(lambda: op(*args), pairs)
+        except BaseException:
+            fused.forget_created(self.base, created)
+            raise
+        fire_post_hooks(self.base)
+        return True
+
+    def _generic_plain_step(self, gathered, device: Optional[torch.device], heads: dict, flags: list) -> None:
+        """The base optimizer's own step() on .grad, g_H added into new tensors first."""
         replaced: list[tuple[Tensor, Optional[Tensor]]] = []  # (parameter, its .grad before) for a retry
         try:
             for index, group, _, _ in gathered:
@@ -432,7 +476,6 @@ class SharpnessEngine:
                         p.grad = by_id[id(p)]
                         if device is None:
                             device = p.device
-            flags = [None, self._head_norm if with_head else None, self._reported_inf, found_inf]
             skip = self._skip_flag(flags, device) if device is not None else None
             # Reading the flag syncs with the device, as GradScaler.step does; no flag, no sync.
             if skip is None or not bool(skip != 0):
@@ -441,13 +484,6 @@ class SharpnessEngine:
             for p, g in replaced:
                 p.grad = g
             raise
-        self._perturbed, self.head_grads, self._head_norm, self._step_norm = {}, {}, None, None
-        self.phase = "idle"
-        if after_perturb_hooks:  # what the helpers keep until the last phase's hooks
-            for helper in self.helpers.values():
-                helper.step_ended_at_perturbation()
-        if self.schedule is not None:
-            self.schedule.step_taken(sharpened=False)
 
     def _restore_and_step(self, with_head: bool, found_inf: Optional[Tensor]) -> None:
         self._run_phase_hooks("step")
