@@ -430,6 +430,8 @@ class SharpnessEngine:
         themselves: the op reads w where a restore reads the backup, so one pass moves the
         bytes of the base step alone, and adds g_H itself. False (nothing written) where the
         step is not fused, or a parameter has g_H without a gradient now or the reverse."""
+        if torch.compiler.is_compiling():  # an op whose read list aliases its written one: kept out of graphs
+            return False
         backend, ops = self._ops(gathered, device)
         fused = _fused_step_of(self.base, backend)
         if fused is None or any(index in heads and heads[index][0] != list(map(id, params))
