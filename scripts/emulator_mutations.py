@@ -1,6 +1,7 @@
 """Plants one bug at a time in the CUDA device code, runs the emulated suite
-(tests/test_cuda_emulated.py) against it, and puts the source back: each bug must make
-the suite fail. About six minutes on 2 cores; not part of CI.
+(tests/test_cuda_emulated.py and the emulated Adam tests of tests/test_adam_step.py)
+against it, and puts the source back: each bug must make the suite fail. About ten
+minutes on 2 cores; not part of CI.
 
     python scripts/emulator_mutations.py [NAME-SUBSTRING...]   # all, or the matching ones
     python scripts/emulator_mutations.py --check               # only that every bug still applies
@@ -55,7 +56,30 @@ MUTATIONS = [
     ('nesterov uses d', 'csrc/cuda/device/updates.cuh',
      'd = a.nesterov ? d + mom * stored : stored;',
      'd = a.nesterov ? d + mom * d : stored;'),
+    ('sgd: a NaN flag no longer skips', 'csrc/cuda/device/updates.cuh',
+     'if (a.found_inf_ptr != nullptr && *a.found_inf_ptr != 0.0f)',
+     'if (a.found_inf_ptr != nullptr && *a.found_inf_ptr > 0.0f)'),
+    ('adam: a NaN flag no longer skips', 'csrc/cuda/device/adam_step.cuh',
+     '*a.found_inf_ptr != 0.0f) {  // skipped',
+     '*a.found_inf_ptr > 0.0f) {  // skipped'),
+    ('adam: the flag skips the first chunk of each tensor only', 'csrc/cuda/device/adam_step.cuh',
+     '*a.found_inf_ptr != 0.0f) {  // skipped',
+     '*a.found_inf_ptr != 0.0f && tl.block_to_chunk[blockIdx.x] == 0) {  // skipped'),
+    ('adam: a skipped step leaves w perturbed', 'csrc/cuda/device/adam_step.cuh',
+     '[](M(&x)[kLists]) { x[0] = x[2]; }',
+     '[](M(&x)[kLists]) { (void)x; }'),
+    ("adam: amsgrad's max drops a NaN", 'csrc/adam_math.h',
+     'return (a > b || a != a) ? a : b;',
+     'return (a > b) ? a : b;'),
+    ('adam: the head gradient not added', 'csrc/cuda/device/adam_step.cuh',
+     'if constexpr (kHead) d += x[3];',
+     'if constexpr (false) d += x[3];'),
+    ('adam: the bias corrections swapped', 'csrc/cuda/device/adam_step.cuh',
+     'a.scalars<M>(coef[0], coef[1], step_lr)',
+     'a.scalars<M>(coef[1], coef[0], step_lr)'),
 ]
+# The emulated tests each bug is run against: the whole emulated suite, and the Adam kernel's.
+SUITE = ["tests/test_cuda_emulated.py", "tests/test_adam_step.py", "-k", "emulated or not test_adam_step"]
 
 
 def main(args: list[str]) -> int:
@@ -76,8 +100,8 @@ def main(args: list[str]) -> int:
         f.write_text(src.replace(old, new))
         try:
             t = time.time()
-            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                                "tests/test_cuda_emulated.py"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *SUITE],
+                               cwd=ROOT, capture_output=True, text=True, timeout=900)
             caught = [line for line in r.stdout.splitlines() if line.startswith(("FAILED", "E "))][:3]
             print(f"## {name}: {'caught' if r.returncode else 'NOT CAUGHT'} ({time.time() - t:.0f} s)")
             for line in caught:

@@ -270,6 +270,55 @@ def test_emulated_cuda_kernel_with_300_tensors_a_tensor_lr_and_found_inf():
 
 
 
+# Several 64 Ki-element chunks with odd tails, a chunk and one element, and a short tensor:
+# a flag or a NaN must reach every chunk of a tensor, not only its first.
+MULTI_CHUNK = [3 * 65536 + 11, 65537, 5]
+
+
+@needs_emulator
+@needs_cpp
+@pytest.mark.parametrize("large", [False, True], ids=["4K", "32K"])
+@pytest.mark.parametrize("flag", [0.0, 1.0, float("nan"), float("inf")], ids=["0", "1", "nan", "inf"])
+def test_emulated_skip_flag_of_every_value_on_multi_chunk_tensors(large, flag):
+    """Nonzero or NaN skips: the weights restored and m, v, vmax and the step counts as they
+    were, in every chunk; 0 takes the CPU kernel's step bit for bit."""
+    emu = emulated_cuda.kernels(large)
+    emu.configure("random", seed=7)
+    x = Inputs(MULTI_CHUNK, torch.float32, 100, True, True)
+    on_emu = x.copy().run(emu, "adamw-amsgrad", found_inf=torch.tensor(flag))
+    if flag == 0:
+        on_cpu = x.copy().run(imbsam.backends.ops_for("cpp"), "adamw-amsgrad", found_inf=torch.tensor(flag))
+        assert all(torch.equal(a, b) for a, b in zip(on_emu.results() + on_emu.steps, on_cpu.results() + on_cpu.steps))
+        assert not torch.equal(on_emu.w[0], x.b[0])
+    else:
+        expected = x.b + x.m + x.v + x.vmax + x.steps
+        assert all(torch.equal(a, b) for a, b in zip(on_emu.w + on_emu.m + on_emu.v + on_emu.vmax + on_emu.steps,
+                                                      expected))
+
+
+@needs_emulator
+@needs_cpp
+@pytest.mark.parametrize("large", [False, True], ids=["4K", "32K"])
+@pytest.mark.parametrize("where", ["backups", "g", "h", "m", "v", "vmax"])
+def test_emulated_nan_in_each_input_of_the_adam_math_propagates_as_the_reference_says(large, where):
+    """A NaN in any input, in a later chunk of a tensor too, comes out where the reference (the
+    spec: torch's operations, amsgrad's max keeping a NaN) puts one, and the CUDA kernel
+    equals the CPU kernel (NaN for NaN)."""
+    emu = emulated_cuda.kernels(large)
+    emu.configure("reverse")
+    x = Inputs(MULTI_CHUNK, torch.float32, 110, True, True)
+    target = {"backups": x.b, "g": x.g, "h": x.h, "m": x.m, "v": x.v, "vmax": x.vmax}[where]
+    for t, spots in zip(target, ([3, 65536 + 7, 2 * 65536 + 9], [65536], [4])):
+        t[spots] = float("nan")
+    on_emu = x.copy().run(emu, "adamw-amsgrad")
+    on_cpu = x.copy().run(imbsam.backends.ops_for("cpp"), "adamw-amsgrad")
+    spec = x.copy().run(reference, "adamw-amsgrad")
+    for a, b, r in zip(on_emu.results(), on_cpu.results(), spec.results()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(a.isnan(), r.isnan())
+    assert any(t.isnan().any() for t in on_emu.results())
+
+
 @pytest.mark.skipif("cpp" not in imbsam.available_backends(), reason="needs imbsam._C")
 def test_the_agreement_docs_semantics_quotes_holds(tmp_path):
     """scripts/adam_agreement.py, whose committed numbers docs/semantics.md quotes: most fp32

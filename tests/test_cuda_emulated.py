@@ -234,7 +234,7 @@ def test_restore_sgd_step_with_a_tensor_lr_and_found_inf(emu, arena, scalar_dtyp
     case = SGD_CASES["momentum"]
     perturbed, g, b, bufs0 = (randn(SIZES, torch.float32, s) for s in (17, 18, 19, 20))
     lr = torch.tensor(0.037, dtype=scalar_dtype)
-    for inf in (0.0, 1.0):
+    for inf in (0.0, 1.0, float("nan"), float("inf")):  # nonzero and NaN skip, in every chunk
         w, bufs = placed(arena, perturbed), placed(arena, bufs0, 2)
         sgd_step(emu, w, placed(arena, g), placed(arena, b, 3), [], bufs, case, lr, torch.tensor(inf))
         ref_w, ref_bufs = clones(perturbed), clones(bufs0)
