@@ -37,6 +37,15 @@ def full_step(kind, model, opt, split, x, y):
     make_step(kind, model, opt, split)(x, y)
 
 
+def on_a_side_stream(step) -> None:
+    """Runs ``step()`` as the CUDA-graph recipe warms up: on a side stream the current one waits for."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("kind", ["sam", "imbsam"])
 @pytest.mark.parametrize("base", list(BASES))
@@ -121,11 +130,7 @@ def test_triton_tables_outlive_a_captured_graph():
     eager_model = copy.deepcopy(model)
     opt, eager_opt = make_opt("sam", model, "triton"), make_opt("sam", eager_model, "triton")
     x, y = torch.randn(16, 3, 8, 8, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        full_step("sam", model, opt, None, x, y)
-    torch.cuda.current_stream().wait_stream(side)
+    on_a_side_stream(lambda: full_step("sam", model, opt, None, x, y))
     full_step("sam", eager_model, eager_opt, None, x, y)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -234,11 +239,7 @@ def test_a_capture_of_adam_with_cpu_step_counts_is_refused(backend):
     opt = imbsam.SAM(model.parameters(), torch.optim.Adam, rho=0.05, backend=backend, lr=1e-3)
     split = imbsam.HeadTailLoss(COUNTS).cuda()
     x, y = torch.randn(16, 3, 8, 8, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        full_step("sam", model, opt, split, x, y)
-    torch.cuda.current_stream().wait_stream(side)
+    on_a_side_stream(lambda: full_step("sam", model, opt, split, x, y))
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="capturable=True"):
         with torch.cuda.graph(graph):

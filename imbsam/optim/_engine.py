@@ -440,15 +440,26 @@ class SharpnessEngine:
         if set(heads) - {index for index, _, params, _ in gathered if params}:
             return False  # a group whose parameters only the head loss reached
         skip = self._skip_flag(flags, device)
+        self._run_fused(fused, ops, lambda created: [
+            call for index, group, ps, gs in gathered
+            for call in fused.calls(self.base, group, ps, gs, ps, heads[index][1] if index in heads else None, skip,
+                                    created)])
+        return True
+
+    def _run_fused(self, fused: _FusedStep, ops, calls_of: Callable[[list], list], restore_params=(),
+                   restore_backups=()) -> None:
+        """The fused base step: its calls (``calls_of(created)``, which records the parameters
+        given a first state) checked before the first writes, the restore of parameters that
+        only need one, then the calls, between the base optimizer's step hooks. A rejected
+        step forgets the state it began to create."""
         created: list[Tensor] = []
         try:
-            calls = [call for index, group, ps, gs in gathered
-                     for call in fused.calls(self.base, group, ps, gs, ps, heads[index][1] if index in heads else None,
-                                             skip, created)]
-            if len(calls) > 1:  # each op checks its own input: none may reject after a write
+            calls = calls_of(created)
+            if len(calls) > 1 or restore_params:  # each op checks its own input: none may reject after a write
                 for _, name, args in calls:
                     _PRECHECKS[name](*args)
-            fire_pre_hooks(self.base)
+            fire_pre_hooks(self.base)  # the fused op is the base's step(): its hooks fire as step()'s would
+            ops.restore_(list(restore_params), list(restore_backups))
             for pairs, name, args in calls:
                 op = getattr(ops, name)
                 guarded(lambda: op(*args), pairs)
@@ -456,7 +467,6 @@ class SharpnessEngine:
             fused.forget_created(self.base, created)
             raise
         fire_post_hooks(self.base)
-        return True
 
     def _generic_plain_step(self, gathered, device: Optional[torch.device], heads: dict, flags: list) -> None:
         """The base optimizer's own step() on .grad, g_H added into new tensors first."""
@@ -517,22 +527,10 @@ class SharpnessEngine:
         fused = _fused_step_of(self.base, backend)
         if fused is not None:
             skip = self._skip_flag(flags, device)
-            created: list[Tensor] = []  # parameters given a first state by this step
-            try:
-                calls = [call for group, ps, gs, bs, hs in groups
-                         for call in fused.calls(self.base, group, ps, gs, bs, hs, skip, created)]
-                if len(calls) > 1 or restore_params:  # each op checks its own input: none may reject after a write
-                    for _, name, args in calls:
-                        _PRECHECKS[name](*args)
-                fire_pre_hooks(self.base)  # the fused op is the base's step(): its hooks fire as step()'s would
-                ops.restore_(restore_params, restore_backups)
-                for pairs, name, args in calls:
-                    op = getattr(ops, name)
-                    guarded(lambda: op(*args), pairs)
-            except BaseException:
-                fused.forget_created(self.base, created)
-                raise
-            fire_post_hooks(self.base)
+            self._run_fused(fused, ops, lambda created: [
+                call for group, ps, gs, bs, hs in groups
+                for call in fused.calls(self.base, group, ps, gs, bs, hs, skip, created)], restore_params,
+                restore_backups)
             return
         # The combined gradient goes into new tensors, the tail's kept: a base step that
         # raises leaves .grad as it was, so that a retry does not add g_H twice.
