@@ -6,8 +6,11 @@
 # train.log, history.json, plots). A run gets what is left of the budget
 # (GPU_TRAIN_BUDGET_S, default 570 s: give the call timeout_s 600) as --time-limit-s:
 # one that cannot finish stops cleanly and its log says how far it got. Its checkpoint
-# (~170 MB) cannot come back from the device machine (16 MiB per file), so a run must
-# finish within one call; the epoch times in the log tell how to split the work.
+# (~170 MB) cannot come back from the device machine (16 MiB per file), nor be carried to
+# it (64 MiB in all), so a run must finish within one call: the 200-epoch runs do not fit a
+# 15-minute device session and need a longer loan; within one, the script trains what fits
+# (a shorter --epochs through GPU_TRAIN_EXTRA_ARGS) and the epoch times in the log tell how
+# long the full runs would take.
 #
 #   bash scripts/gpu_train.sh OUTDIR sgd sam
 #
