@@ -61,6 +61,28 @@ def start(ranks: Ranks, device: torch.device) -> bool:
     return True
 
 
+def leave_the_process(ranks: Ranks) -> None:
+    """Ends a rank of a finished distributed run without the interpreter's teardown.
+
+    Why: gloo's worker threads free a collective's work object (and the tensors it held)
+    after the collective has returned, which needs the GIL for the tensors' Python objects;
+    a worker that asks for it while the interpreter finalizes is ended by Python, and the
+    unwind through a C++ destructor aborts the process ("terminate called without an active
+    exception", SIGABRT, after all output was written: torch 2.14.1, about 1 run in 30 of
+    ``torchrun ... -m imbsam.train`` on a loaded 2-core machine; the core's backtrace is in
+    results/quickstart/torchrun_abort_2026-12-05.txt). Leaving with ``os._exit`` after
+    flushing, as the multi-process tests do, skips that race; a single process returns."""
+    if not ranks.distributed:
+        return
+    import logging
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
+
+
 def agree(ranks: Ranks, decision: bool, device: torch.device) -> bool:
     """Rank 0's decision, on every rank (a stop by wall time may differ between ranks)."""
     if not ranks.distributed:
