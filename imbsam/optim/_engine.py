@@ -262,6 +262,21 @@ class SharpnessEngine:
         self.phase = "head"
 
     @torch.no_grad()
+    def fold_head_grads(self) -> None:
+        """ImbSAM's g_H added into ``.grad`` (g' at w + e), so that the last phase steps on
+        ``.grad`` alone: for trainers that clip or unscale ``.grad`` between the last backward
+        and the step (Lightning), which must see the gradient the base step uses. The g_H norm
+        stays: a non-finite g_H still skips the step."""
+        if self.phase != "perturbed":
+            raise RuntimeError("imbsam: fold_head_grads() belongs between the pass at w + e and the last phase")
+        params = {id(p): p for group in self.base.param_groups for p in group["params"]}
+        for ids, grads in self.head_grads.values():
+            for key, g in zip(ids, grads):
+                p = params[key]
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        self.head_grads = {}
+
+    @torch.no_grad()
     def perturb(self) -> bool:
         """w <- w + e from the current gradients (global norm), keeping a backup of w.
 

@@ -1,6 +1,8 @@
 """What SAM and ImbSAM share as ``torch.optim.Optimizer`` subclasses around a base optimizer."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from imbsam.optim._engine import SAM_PHASES, SharpnessEngine
@@ -158,6 +160,36 @@ class SharpnessOptimizer(torch.optim.Optimizer):
 
     # Inside step(closure): torch.optim's wrapper of step() has fired the step hooks already.
     _in_step = False
+
+    # Inside finishing_by_step(): step() takes only the last phase (see there).
+    _finishing = False
+
+    @contextlib.contextmanager
+    def finishing_by_step(self):
+        """For trainers that call ``optimizer.step()`` themselves after the last backward
+        (Lightning's precision plugins, a GradScaler's ``step``): inside this block, with the
+        weights perturbed by the phases, ``step(closure)`` calls ``closure()`` (the pass at
+        w + e, say) and then takes the last phase, and ``step()`` takes the last phase.
+        A step the trainer skips (a GradScaler's inf) leaves the weights at w + e: call
+        ``abandon_step()`` after the block (``imbsam.integrations`` do)."""
+        self._finishing = True
+        try:
+            yield self
+        finally:
+            self._finishing = False
+
+    def _finish(self, closure):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._in_step = True  # torch.optim's wrapper of step() fires the step hooks
+        try:
+            self._last_phase(with_head=True, found_inf=None)
+        finally:
+            self._in_step = False
+        self._engine.leave_grads()
+        return loss
 
     def _last_phase(self, with_head: bool, found_inf, plain: bool = False, after_perturb_hooks: bool = False) -> None:
         """The phase that takes the step, between torch.optim's step pre- and post-hooks

@@ -91,6 +91,8 @@ class ImbSAM(SharpnessOptimizer):
 
         Returns the detached total ``head_loss + tail_loss`` of the first forward pass.
         """
+        if self._finishing:
+            return self._finish(closure)
         if closure is None:
             self._refuse_step_without_closure("a closure that runs the forward pass and returns (head_loss, "
                                               "tail_loss) without calling backward; or call "

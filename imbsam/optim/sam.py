@@ -92,6 +92,8 @@ class SAM(SharpnessOptimizer):
         Gradients of the last call are left in ``.grad``, as ``torch.optim`` optimizers leave
         theirs. Returns the first loss.
         """
+        if self._finishing:
+            return self._finish(closure)
         if closure is None:
             self._refuse_step_without_closure("a closure that computes the loss and calls backward() (SAM "
                                               "evaluates the gradient twice); or call first_step() and "
