@@ -241,7 +241,7 @@ if __name__ == "__main__":  # pip's build backend runs this file as __main__; te
         install_requires=["torch>=2.4"],
         # The optimizers need torch alone; the training pipeline (python -m imbsam.train, the
         # ResNet-34 model, downloads, progress bars, plots) these too.
-        extras_require={"train": ["torchvision", "tqdm", "matplotlib"]},
+        extras_require={"train": ["torchvision", "tqdm", "matplotlib"], "lightning": ["lightning>=2.0"]},
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildImbsam},
     )

@@ -1,0 +1,314 @@
+"""imbsam.integrations.lightning: SAM, ASAM and ImbSAM in Lightning's automatic optimization
+take the steps that the same training written by hand takes.
+
+The hand-written step (``reference_step``) is plain PyTorch, independent of imbsam: the
+gradients at w of every micro-batch (scaled and divided as the Trainer does), e from them,
+the same micro-batches at w + e, g_H added (ImbSAM), unscaled, clipped, torch's SGD step.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import imbsam
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+if os.environ.get("CI"):  # CI installs it (requirements.txt): missing there is a failure, not a skip
+    import lightning.pytorch as pl
+else:
+    pl = pytest.importorskip("lightning.pytorch", reason="needs Lightning (pip install 'imbsam[lightning]')")
+from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+
+from imbsam.integrations.lightning import SharpnessModule  # noqa: E402
+
+RHO, LR, MOMENTUM, GAMMA = 0.05, 0.1, 0.9, 0.7  # GAMMA: a per-step LR decay, so a missed scheduler step shows
+BATCH, STEPS = 8, 3
+EPS = 1e-16  # imbsam's e = rho g / (||g|| + EPS)
+ASAM_ETA = 0.01  # imbsam's default adaptive_eta
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 6, generator=g)
+    y = torch.tensor([0] * 40 + [1] * 30 + [2] * 16 + [3] * 10)[torch.randperm(96, generator=g)]
+    return x, y
+
+
+def counts():
+    return torch.bincount(data()[1], minlength=4)
+
+
+def network():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4))
+
+
+class Model(SharpnessModule):
+    def __init__(self, kind: str, scheduler: bool = True):
+        super().__init__()
+        self.kind, self.scheduler = kind, scheduler
+        self.net = network()
+        self.split = imbsam.HeadTailLoss(counts(), threshold=20)  # classes 2 and 3 are tail
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("seen", float(len(x)), reduce_fx="sum", on_step=False, on_epoch=True)
+        if self.kind == "imbsam":
+            head, tail = self.split(self(x), y)
+            self.log("loss_at_w", (head + tail).detach().float(), on_step=True, on_epoch=False)
+            return {"loss": head + tail, "head_loss": head, "tail_loss": tail}
+        loss = F.cross_entropy(self(x), y)
+        self.log("loss_at_w", loss.detach().float(), on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self):
+        if self.kind == "imbsam":
+            opt = imbsam.ImbSAM(self.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM)
+        else:
+            opt = imbsam.SAM(self.parameters(), torch.optim.SGD, rho=RHO, adaptive=self.kind == "asam", lr=LR,
+                             momentum=MOMENTUM)
+        if not self.scheduler:
+            return opt
+        schedule = torch.optim.lr_scheduler.ExponentialLR(opt, GAMMA)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def loader():
+    x, y = data()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH, shuffle=False)
+
+
+def trainer(**kwargs):
+    settings = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, max_steps=STEPS)
+    settings.update(kwargs)
+    if settings.get("precision") == "16-mixed":
+        # Lightning turns precision="16-mixed" into bf16-mixed on the CPU; its plugin, given
+        # explicitly, runs fp16 autocast with a GradScaler("cpu"), as 16-mixed does on a GPU.
+        del settings["precision"]
+        settings["plugins"] = [MixedPrecision("16-mixed", "cpu")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pl.Trainer(**settings)
+
+
+def fit(model, **kwargs):
+    t = trainer(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, loader())
+    return t
+
+
+AUTOCAST = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def reference(kind: str, precision: str, k: int, clip, steps: int = STEPS):
+    """The hand-written training: plain PyTorch, the Trainer's batches and scaling. Returns
+    the network and the last micro-batch's loss at w."""
+    net = network()
+    params = list(net.parameters())
+    base = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+    schedule = torch.optim.lr_scheduler.ExponentialLR(base, GAMMA)
+    split = imbsam.HeadTailLoss(counts(), threshold=20)
+    scale = 2.0 ** 16 if precision == "16-mixed" else 1.0  # GradScaler's first scale: a power of two
+    dtype = AUTOCAST[precision]
+
+    def losses(x, y):
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):  # as training_step
+            logits = net(x)
+            if kind == "imbsam":
+                return split(logits, y)
+            return F.cross_entropy(logits, y), None
+
+    batches = list(loader())
+    for step in range(steps):
+        micro = batches[step * k:(step + 1) * k]
+        base.zero_grad()
+        tail_sums = [torch.zeros_like(p) for p in params]
+        for x, y in micro:
+            first, tail = losses(x, y)
+            last_loss = (first + tail if kind == "imbsam" else first).detach().float()
+            if kind == "imbsam":
+                for t, g in zip(tail_sums, torch.autograd.grad(tail / k * scale, params, retain_graph=True)):
+                    t.add_(g)
+            (first / k * scale).backward()
+        at_w = [p.grad / scale for p in params]  # SAM: g; ImbSAM: g_H
+        direction = [t / scale for t in tail_sums] if kind == "imbsam" else at_w
+        if kind == "asam":  # on tensors of two or more dimensions, T = |w| + eta: e = rho T^2 g / ||T g||
+            t = [p.detach().abs() + ASAM_ETA if p.dim() > 1 else torch.ones_like(p) for p in params]
+            norms = [torch.linalg.vector_norm(ti * g) for ti, g in zip(t, direction)]
+            norm = torch.linalg.vector_norm(torch.stack(norms))
+            e = [RHO * ti * ti * g / (norm + EPS) for ti, g in zip(t, direction)]
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in direction]))
+            e = [RHO * g / (norm + EPS) for g in direction]
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, ei in zip(params, e):
+                p.add_(ei)
+        base.zero_grad()
+        for x, y in micro:
+            first, tail = losses(x, y)
+            ((tail if kind == "imbsam" else first) / k * scale).backward()
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+            for p, h in zip(params, at_w):
+                p.grad = p.grad / scale + (h if kind == "imbsam" else 0)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        base.step()
+        schedule.step()
+    return net, last_loss
+
+
+CASES = [("32", 1, None), ("32", 2, 0.5), ("bf16-mixed", 1, None), ("bf16-mixed", 2, 0.5), ("16-mixed", 1, None),
+         ("16-mixed", 2, 0.5)]
+
+
+@pytest.mark.parametrize("precision,k,clip", CASES, ids=[f"{p}-k{k}-clip{c}" for p, k, c in CASES])
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_the_trainer_takes_the_hand_written_steps(kind, precision, k, clip):
+    model = Model(kind)
+    t = fit(model, precision=precision, accumulate_grad_batches=k, gradient_clip_val=clip)
+    assert t.global_step == STEPS
+    want, loss_at_w = reference(kind, precision, k, clip)
+    for (name, got), expected in zip(model.net.named_parameters(), want.parameters()):
+        assert torch.allclose(got, expected, rtol=0, atol=1e-6), (name, (got - expected).abs().max())
+    # The pass at w + e logged nothing: the loss logged is the one at w, and "seen" counts
+    # each training sample of the steps once.
+    assert torch.allclose(t.callback_metrics["loss_at_w"], loss_at_w, rtol=0, atol=1e-6)
+    assert t.callback_metrics["seen"].item() == STEPS * k * BATCH
+
+
+def test_asam_takes_the_hand_written_steps():
+    model = Model("asam")
+    fit(model)
+    want, _ = reference("asam", "32", 1, None)
+    for got, expected in zip(model.net.parameters(), want.parameters()):
+        assert torch.allclose(got, expected, rtol=0, atol=1e-6), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_a_run_resumed_from_a_trainer_checkpoint_continues_bitwise(kind, tmp_path):
+    """Two epochs of 4 steps, and the same split at the epoch's end into two fits (Lightning
+    restarts an epoch cut mid-way, so the split is where a resume is exact)."""
+    epochs = dict(max_steps=-1, accumulate_grad_batches=2, precision="16-mixed")
+    whole = Model(kind)
+    fit(whole, max_epochs=2, **epochs)
+    first = Model(kind)
+    t = fit(first, max_epochs=1, **epochs)
+    path = str(tmp_path / "epoch1.ckpt")
+    t.save_checkpoint(path)
+    second = Model(kind)
+    with torch.no_grad():  # nothing of the fresh module's own weights may survive the resume
+        for p in second.parameters():
+            p.add_(1.0)
+    t2 = trainer(max_epochs=2, **epochs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t2.fit(second, loader(), ckpt_path=path)
+    assert t2.global_step == 2 * len(loader()) // 2
+    for got, want in zip(second.net.parameters(), whole.net.parameters()):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_a_step_the_scaler_skips_leaves_the_weights_at_w_and_backs_off(kind):
+    """A non-finite loss in the first batch: the GradScaler skips that step and halves its
+    scale; the weights are not left at w + e, and the next step is the one a run without
+    the bad batch takes first (a power-of-two scale changes no rounding)."""
+    x, y = data()
+    bad = x[:BATCH].clone()
+    bad[0] = float("inf")
+    two = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat([bad, x[:BATCH]]),
+                                                                      torch.cat([y[:BATCH], y[:BATCH]])),
+                                      batch_size=BATCH)
+    model = Model(kind, scheduler=False)
+    t = trainer(precision="16-mixed", max_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, two)
+    assert t.precision_plugin.scaler.get_scale() == 2.0 ** 15
+    good = Model(kind, scheduler=False)
+    fit(good, precision="16-mixed", max_steps=1)
+    for got, want in zip(model.parameters(), good.parameters()):
+        assert torch.allclose(got, want, rtol=0, atol=1e-7), (got - want).abs().max()
+
+
+def test_imbsam_needs_the_head_and_the_tail_loss():
+    class LossOnly(Model):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            return out["loss"]
+
+    with pytest.raises(TypeError, match="training_step returns {'loss': head \\+ tail, 'head_loss'"):
+        fit(LossOnly("imbsam"), max_steps=1)
+
+
+def test_a_sharpness_schedule_is_refused_before_the_first_step():
+    class Scheduled(Model):
+        def configure_optimizers(self):
+            return imbsam.SAM(self.parameters(), torch.optim.SGD, lr=LR, schedule=imbsam.schedules.Periodic(2))
+
+    model = Scheduled("sam")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="sharpness schedule is not supported in Lightning yet"):
+        fit(model, max_steps=1)
+    for got, want in zip(model.parameters(), before):
+        assert torch.equal(got, want)
+
+
+def test_another_optimizer_steps_as_in_a_plain_lightning_module():
+    class Plain(Model):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+    model = Plain("sam")
+    fit(model, max_steps=1)
+    net = network()
+    x, y = next(iter(loader()))
+    F.cross_entropy(net(x), y).backward()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.sub_(LR * p.grad)
+    for got, want in zip(model.net.parameters(), net.parameters()):
+        assert torch.allclose(got, want, rtol=0, atol=1e-7)
+
+
+def test_imbsam_itself_never_imports_lightning():
+    code = "import sys, imbsam, imbsam.integrations; print('lightning' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_without_lightning_the_import_names_the_extra():
+    code = ("import sys; sys.modules['lightning'] = None\n"
+            "import imbsam.integrations.lightning")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode != 0
+    assert "imbsam.integrations.lightning needs Lightning: pip install 'imbsam[lightning]'" in done.stderr
+
+
+def test_the_example_trains():
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import lightning_imbsam
+    finally:
+        sys.path.pop(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        accuracy = lightning_imbsam.main(["--steps", "20"])
+    assert accuracy > 0.6  # six overlapping classes; always the majority class would score 0.47
