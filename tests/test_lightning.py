@@ -83,9 +83,9 @@ class Model(SharpnessModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def loader():
+def loader(batch: int = BATCH):
     x, y = data()
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH, shuffle=False)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch, shuffle=False)
 
 
 def trainer(**kwargs):
@@ -113,7 +113,7 @@ def fit(model, **kwargs):
 AUTOCAST = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
-def reference(kind: str, precision: str, k: int, clip, steps: int = STEPS):
+def reference(kind: str, precision: str, k: int, clip, steps: int = STEPS, batch: int = BATCH):
     """The hand-written training: plain PyTorch, the Trainer's batches and scaling. Returns
     the network and the last micro-batch's loss at w."""
     net = network()
@@ -131,7 +131,7 @@ def reference(kind: str, precision: str, k: int, clip, steps: int = STEPS):
                 return split(logits, y)
             return F.cross_entropy(logits, y), None
 
-    batches = list(loader())
+    batches = list(loader(batch))
     for step in range(steps):
         micro = batches[step * k:(step + 1) * k]
         base.zero_grad()
@@ -312,3 +312,80 @@ def test_the_example_trains():
         warnings.simplefilter("ignore")
         accuracy = lightning_imbsam.main(["--steps", "20"])
     assert accuracy > 0.6  # six overlapping classes; always the majority class would score 0.47
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["updated-in-both", "frozen-at-w+e"])
+def test_batchnorm_statistics_update_in_both_forwards_or_in_the_first(frozen):
+    """The paper's loop updates the running statistics at w and at w + e; with
+    ``sharpness_frozen_running_stats`` only the forward at w does."""
+
+    class WithBatchNorm(Model):
+        sharpness_frozen_running_stats = frozen
+
+        def __init__(self):
+            super().__init__("sam", scheduler=False)
+            self.net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.BatchNorm1d(12), torch.nn.Linear(12, 4))
+
+    model = WithBatchNorm()
+    start = [t.detach().clone() for t in model.net.state_dict().values()]
+    fit(model, max_steps=1)
+    bn = model.net[1]
+    by_hand = WithBatchNorm().net
+    with torch.no_grad():
+        for t, s in zip(by_hand.state_dict().values(), start):
+            t.copy_(s)
+    x, _ = next(iter(loader()))
+    by_hand(x)  # the forward at w
+    expected_batches = 1 if frozen else 2
+    assert bn.num_batches_tracked.item() == expected_batches
+    if frozen:
+        assert torch.equal(bn.running_mean, by_hand[1].running_mean)
+        assert torch.equal(bn.running_var, by_hand[1].running_var)
+    else:
+        assert not torch.equal(bn.running_mean, by_hand[1].running_mean)  # the forward at w + e moved them on
+
+
+class EveryOtherSample(torch.utils.data.Sampler):
+    """Rank r of W takes samples r, r + W, ...: with batches of 8 on two ranks, global batch
+    i is samples 16 i ... 16 i + 15, unshuffled (Lightning's own sampler shuffles)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __iter__(self):
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self):
+        return self.n // 2
+
+
+@pytest.mark.parametrize("kind,k", [("sam", 1), ("imbsam", 2)])
+def test_two_ddp_processes_take_the_steps_of_one_on_the_global_batch(kind, k, monkeypatch):
+    """Lightning's DDP on two gloo processes (127.0.0.1), each on its half of every batch
+    (DistributedSampler): the one-process training on the global batch."""
+    from ranks import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    model = Model(kind)
+    t = trainer(strategy="ddp_spawn", devices=2, accumulate_grad_batches=k, use_distributed_sampler=False)
+    x, y = data()
+    shares = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH,
+                                         sampler=EveryOtherSample(len(x)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, shares)
+    want, _ = reference(kind, "32", k, None, batch=2 * BATCH)
+    for (name, got), expected in zip(model.net.named_parameters(), want.parameters()):
+        assert torch.allclose(got, expected, rtol=0, atol=1e-6), (name, (got - expected).abs().max())
+
+
+def test_a_strategy_other_than_ddp_is_refused_on_several_processes():
+    model = Model("sam")
+    before = [p.detach().clone() for p in model.parameters()]
+    model.trainer = type("Stub", (), {"strategy": object(), "world_size": 2})()
+    with pytest.raises(RuntimeError, match="runs under the 'ddp' strategies .* only, not object"):
+        model._refuse_what_is_not_supported(model.configure_optimizers()["optimizer"])
+    for got, want in zip(model.parameters(), before):
+        assert torch.equal(got, want)

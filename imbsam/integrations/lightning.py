@@ -14,7 +14,7 @@ hook, the one place Lightning lets user code decide how a step runs, for every p
 a precision plugin would replace the user's ``precision=`` choice, and a callback sees no
 step. The Trainer keeps everything else: precision (32, ``bf16-mixed``, ``16-mixed`` with
 its GradScaler), ``accumulate_grad_batches``, ``gradient_clip_val``, LR schedulers,
-checkpoints and ``ckpt_path=`` resume.
+checkpoints and ``ckpt_path=`` resume, the ``ddp`` strategies.
 
 How a step runs (``docs/integrations.md`` says more):
 - Lightning's closure runs ``training_step`` at w and its backward (scaled, divided by the
@@ -29,6 +29,8 @@ How a step runs (``docs/integrations.md`` says more):
   (SAM: g at w + e; ImbSAM: g_H + g_T at w + e), then Lightning calls the optimizer's step,
   which restores w and steps. A step the GradScaler skips (an inf anywhere: every pass
   ends up in that gradient) leaves the weights at w and the scaler backs off.
+- Under DDP the pass at w + e goes through the strategy (DDP's forward), so DDP averages it;
+  ImbSAM's tail gradient at w (``torch.autograd.grad``, unseen by DDP) is averaged here.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import torch
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.core.optimizer import LightningOptimizer
+    from lightning.pytorch.strategies import DDPStrategy
 except ImportError as error:  # the core never needs Lightning
     raise ImportError("imbsam.integrations.lightning needs Lightning: pip install 'imbsam[lightning]' "
                       "(or pip install lightning)") from error
@@ -95,6 +98,25 @@ def _recording(training_step):
 
     recorded._imbsam_recording = True
     return recorded
+
+
+def _average_over_ranks(grads: list, world: int) -> None:
+    """Each tensor of ``grads`` (None skipped) replaced in place by its mean over the ranks:
+    one all-reduce per dtype, of the tensors flattened."""
+    if world == 1:
+        return
+    by_dtype: dict = {}
+    for g in grads:
+        if g is not None:
+            by_dtype.setdefault(g.dtype, []).append(g)
+    for tensors in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        torch.distributed.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def _sharpness_optimizer(optimizer):
@@ -170,8 +192,9 @@ class SharpnessModule(pl.LightningModule):
                 raise RuntimeError("imbsam: training_step returned None, which Lightning takes as a skipped step; "
                                    "a SAM step needs the loss: return it (to skip a batch, return a zero loss)")
             if isinstance(opt, ImbSAM):
-                opt.first_step()  # g_H (in .grad) set aside
+                opt.first_step()  # g_H (in .grad, averaged by DDP's backward) set aside
                 record.tail_into_grad()
+                _average_over_ranks(record.tail_grads, self.trainer.world_size)  # autograd.grad bypasses DDP
                 opt.second_step()  # w + e from g_T
             else:
                 opt.first_step()
@@ -192,26 +215,33 @@ class SharpnessModule(pl.LightningModule):
         k = self.trainer.accumulate_grad_batches
         imbsam_step = isinstance(opt, ImbSAM)
         frozen = frozen_running_stats(self) if self.sharpness_frozen_running_stats else contextlib.nullcontext()
+        strategy = self.trainer.strategy
         record.at_perturbed = True
         try:
             with frozen, torch.enable_grad():
-                for args, kwargs in record.inputs:
-                    with self.trainer.precision_plugin.train_step_context():
-                        output = self.training_step(*args, **kwargs)
-                    if imbsam_step:
-                        loss = self._head_and_tail(output)[1]
-                    else:
-                        loss = output["loss"] if isinstance(output, dict) else output
-                    self._scaled(loss / k).backward()
+                for i, (args, kwargs) in enumerate(record.inputs):
+                    # Through the strategy (DDP's forward, the precision's autocast): under DDP the
+                    # last micro-batch's backward averages the sum, as at w.
+                    last = i == len(record.inputs) - 1
+                    sync = contextlib.nullcontext() if last or self.trainer.world_size == 1 else \
+                        strategy.block_backward_sync()
+                    with sync:
+                        output = strategy.training_step(*args, **kwargs)
+                        if imbsam_step:
+                            loss = self._head_and_tail(output)[1]
+                        else:
+                            loss = output["loss"] if isinstance(output, dict) else output
+                        self._scaled(loss / k).backward()
         finally:
             record.at_perturbed = False
 
     def _refuse_what_is_not_supported(self, opt) -> None:
         name = type(opt).__name__
-        if self.trainer.world_size > 1:
-            raise RuntimeError(f"imbsam: {name} in Lightning on {self.trainer.world_size} processes is not supported "
-                               "yet: the pass at w + e would not be averaged over the ranks. Use one process, or a "
-                               "plain loop with imbsam.sync_data_parallel (README, 'Data parallel')")
+        strategy = self.trainer.strategy
+        if self.trainer.world_size > 1 and type(strategy) is not DDPStrategy:
+            raise RuntimeError(f"imbsam: {name} in Lightning on {self.trainer.world_size} processes runs under the "
+                               f"'ddp' strategies (DDPStrategy, any launcher) only, not {type(strategy).__name__}: its "
+                               "passes average over the ranks as DDP does")
         if opt.schedule is not None:
             raise RuntimeError(f"imbsam: {name} with a sharpness schedule is not supported in Lightning yet (a step "
                                "it does not sharpen takes other passes); build the optimizer without schedule=")
