@@ -3,6 +3,8 @@ and are imported only by the submodule that needs them.
 
 - ``imbsam.integrations.lightning``: ``SharpnessModule``, a ``LightningModule`` whose
   automatic optimization runs SAM's and ImbSAM's passes (``pip install imbsam[lightning]``).
+- ``imbsam.integrations.timm``: the optimizers by name in timm's factory, and
+  ``sharpness_step`` for timm's train loop (``pip install imbsam[timm]``).
 
 ``docs/integrations.md`` says what each supports and why.
 """

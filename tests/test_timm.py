@@ -1,0 +1,147 @@
+"""imbsam.integrations.timm: the names in timm's optimizer factory build the optimizers they
+say, and ``sharpness_step`` takes the steps of the same training written by hand
+(``hand_written_sam.reference``: plain PyTorch, independent of imbsam's optimizers)."""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import imbsam
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+if os.environ.get("CI"):  # CI installs it (requirements.txt): missing there is a failure, not a skip
+    import timm
+else:
+    timm = pytest.importorskip("timm", reason="needs timm (pip install 'imbsam[timm]')")
+from timm.optim import create_optimizer_v2  # noqa: E402
+from timm.utils import NativeScaler  # noqa: E402
+
+from imbsam.integrations import timm as imbsam_timm  # noqa: E402
+
+from hand_written_sam import BATCH, LR, MOMENTUM, RHO, STEPS, counts, data, loader, network, reference  # noqa: E402
+
+BASES = {"sgd": (torch.optim.SGD, {"nesterov": True, "momentum": 0.9}),
+         "momentum": (torch.optim.SGD, {"nesterov": False, "momentum": 0.9}),
+         "adamw": (torch.optim.AdamW, {}), "adam": (torch.optim.Adam, {})}
+
+
+@pytest.mark.parametrize("name", imbsam_timm.NAMES)
+def test_each_name_builds_the_optimizer_it_says_with_timms_groups(name):
+    prefix = next(p for p in ("imbsam", "asam", "sam") if name.startswith(p))
+    base_cls, settings = BASES[name[len(prefix):]]
+    opt = create_optimizer_v2(network(), name, lr=0.03, weight_decay=1e-4, rho=0.07)
+    assert type(opt) is (imbsam.ImbSAM if prefix == "imbsam" else imbsam.SAM)
+    assert type(opt.base_optimizer) is base_cls
+    group = opt.param_groups[0]
+    assert group["rho"] == 0.07 and group["lr"] == 0.03 and group["adaptive"] == (prefix == "asam")
+    for key, value in settings.items():
+        assert group[key] == value, key
+    # timm's groups: weight decay on the weights, none on the biases
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 1e-4]
+
+
+def train(kind: str, precision: str, clip):
+    net = network()
+    name = {"sam": "sammomentum", "asam": "asammomentum", "imbsam": "imbsammomentum"}[kind]
+    opt = create_optimizer_v2(net, name, lr=LR, momentum=MOMENTUM, weight_decay=0.0, rho=RHO)
+    split = imbsam.HeadTailLoss(counts(), threshold=20)
+    loss_fn = split if kind == "imbsam" else F.cross_entropy
+    fp16 = precision == "16-mixed"
+    scaler = NativeScaler(device="cpu") if fp16 else None
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.float16) if fp16 else None
+    for x, y in list(loader())[:STEPS]:
+        imbsam_timm.sharpness_step(net, opt, loss_fn, x, y, loss_scaler=scaler, clip_grad=clip,
+                                   **({"amp_autocast": autocast} if autocast else {}))
+    return net
+
+
+CASES = [("32", None), ("32", 0.5), ("16-mixed", None), ("16-mixed", 0.5)]
+
+
+@pytest.mark.parametrize("precision,clip", CASES, ids=[f"{p}-clip{c}" for p, c in CASES])
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_sharpness_step_takes_the_hand_written_steps(kind, precision, clip):
+    got = train(kind, precision, clip)
+    want, _ = reference(kind, precision, 1, clip, gamma=1.0)
+    for (name, a), b in zip(got.named_parameters(), want.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), (name, (a - b).abs().max())
+
+
+def test_asam_takes_the_hand_written_steps():
+    got = train("asam", "32", None)
+    want, _ = reference("asam", "32", 1, None, gamma=1.0)
+    for a, b in zip(got.parameters(), want.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_a_step_the_scaler_skips_leaves_the_weights_at_w_and_backs_off(kind):
+    net = network()
+    opt = create_optimizer_v2(net, f"{kind}momentum", lr=LR, momentum=MOMENTUM, weight_decay=0.0, rho=RHO)
+    loss_fn = imbsam.HeadTailLoss(counts(), threshold=20) if kind == "imbsam" else F.cross_entropy
+    scaler = NativeScaler(device="cpu")
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.float16)
+    x, y = data()
+    bad = x[:BATCH].clone()
+    bad[0] = float("inf")
+    before = [p.detach().clone() for p in net.parameters()]
+    imbsam_timm.sharpness_step(net, opt, loss_fn, bad, y[:BATCH], loss_scaler=scaler, amp_autocast=autocast)
+    for a, b in zip(net.parameters(), before):
+        assert torch.equal(a, b)
+    assert scaler.state_dict()["scale"] == 2.0 ** 15
+    imbsam_timm.sharpness_step(net, opt, loss_fn, x[:BATCH], y[:BATCH], loss_scaler=scaler, amp_autocast=autocast)
+    want, _ = reference(kind, "16-mixed", 1, None, steps=1, gamma=1.0)
+    for a, b in zip(net.parameters(), want.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-7), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_timm_model_trains_and_its_batchnorm_counts_the_forwards_it_was_given(frozen):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=4)
+    opt = create_optimizer_v2(model, "imbsamsgd", lr=0.05, weight_decay=1e-4, rho=0.05)
+    split = imbsam.HeadTailLoss(torch.tensor([40, 30, 6, 4]), threshold=10)
+    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 3, 0, 1])
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        loss = imbsam_timm.sharpness_step(model, opt, split, x, y, frozen_bn_stats=frozen)
+        assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert bn.num_batches_tracked.item() == (2 if frozen else 4)
+
+
+def test_another_optimizer_is_refused_by_name():
+    net = network()
+    with pytest.raises(TypeError, match="sharpness_step takes an imbsam.SAM or imbsam.ImbSAM .* got SGD"):
+        imbsam_timm.sharpness_step(net, torch.optim.SGD(net.parameters(), lr=0.1), F.cross_entropy, *data())
+
+
+def test_imbsam_itself_never_imports_timm():
+    code = "import sys, imbsam, imbsam.integrations; print('timm' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_without_timm_the_import_names_the_extra():
+    code = "import sys; sys.modules['timm'] = None\nimport imbsam.integrations.timm"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode != 0
+    assert "imbsam.integrations.timm needs timm: pip install 'imbsam[timm]'" in done.stderr
+
+
+def test_the_example_trains():
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import timm_imbsam
+    finally:
+        sys.path.pop(0)
+    assert 0 < timm_imbsam.main(["--steps", "4"]) < float("inf")
