@@ -241,8 +241,9 @@ if __name__ == "__main__":  # pip's build backend runs this file as __main__; te
         install_requires=["torch>=2.4"],
         # The optimizers need torch alone; the training pipeline (python -m imbsam.train, the
         # ResNet-34 model, downloads, progress bars, plots) these too.
-        extras_require={"train": ["torchvision", "tqdm", "matplotlib"], "lightning": ["lightning>=2.0"],
-                        "timm": ["timm>=1.0.31"]},  # the version tested; the factory registry is newer than 1.0
+        # The integrations (imbsam.integrations): from the versions CI tests (requirements.txt).
+        extras_require={"train": ["torchvision", "tqdm", "matplotlib"], "lightning": ["lightning>=2.6"],
+                        "timm": ["timm>=1.0.31"], "hf": ["transformers>=5.25", "accelerate>=1.16"]},
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildImbsam},
     )

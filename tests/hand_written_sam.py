@@ -39,7 +39,8 @@ def loader(batch: int = BATCH):
 AUTOCAST = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
-def reference(kind: str, precision: str, k: int, clip, steps: int = STEPS, batch: int = BATCH, gamma=GAMMA):
+def reference(kind: str, precision: str, k: int, clip, steps: int = STEPS, batch: int = BATCH, gamma=GAMMA,
+              loss_in_autocast: bool = True):
     """The hand-written training: plain PyTorch, the Trainer's batches and scaling. Returns
     the network and the last micro-batch's loss at w."""
     net = network()
@@ -51,11 +52,14 @@ def reference(kind: str, precision: str, k: int, clip, steps: int = STEPS, batch
     dtype = AUTOCAST[precision]
 
     def losses(x, y):
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):  # as training_step
+        # Lightning autocasts the whole training_step; Accelerate the model's forward only
+        # (loss_in_autocast=False), whose logits it returns in fp32.
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = net(x)
-            if kind == "imbsam":
-                return split(logits, y)
-            return F.cross_entropy(logits, y), None
+            if loss_in_autocast:
+                return split(logits, y) if kind == "imbsam" else (F.cross_entropy(logits, y), None)
+        logits = logits.float()
+        return split(logits, y) if kind == "imbsam" else (F.cross_entropy(logits, y), None)
 
     batches = list(loader(batch))
     for step in range(steps):

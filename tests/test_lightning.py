@@ -82,8 +82,8 @@ def fit(model, **kwargs):
     return t
 
 
-CASES = [("32", 1, None), ("32", 2, 0.5), ("bf16-mixed", 1, None), ("bf16-mixed", 2, 0.5), ("16-mixed", 1, None),
-         ("16-mixed", 2, 0.5)]
+CASES = [("32", 1, None), ("32", 2, None), ("32", 2, 0.5), ("bf16-mixed", 1, None), ("bf16-mixed", 2, 0.5),
+         ("16-mixed", 1, None), ("16-mixed", 2, 0.5)]
 
 
 @pytest.mark.parametrize("precision,k,clip", CASES, ids=[f"{p}-k{k}-clip{c}" for p, k, c in CASES])

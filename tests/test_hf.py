@@ -1,0 +1,198 @@
+"""imbsam.integrations.hf: SAM, ASAM and ImbSAM in the Hugging Face Trainer take the steps of
+the same training written by hand (``hand_written_sam.reference``: plain PyTorch,
+independent of imbsam's optimizers)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import imbsam
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+if os.environ.get("CI"):  # CI installs it (requirements.txt): missing there is a failure, not a skip
+    import transformers
+else:
+    transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'imbsam[hf]')")
+
+from imbsam.integrations.hf import SharpnessTrainer, class_counts  # noqa: E402
+
+from hand_written_sam import BATCH, LR, MOMENTUM, RHO, STEPS, counts, data, network, reference  # noqa: E402
+
+
+class Classifier(torch.nn.Module):
+    """The task's network as the Trainer calls it: keyword inputs, a dict with loss and logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = network()
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"logits": logits} if labels is None else {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+class InOrder(SharpnessTrainer):
+    """The batches in the dataset's order, as the hand-written training takes them."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def dataset():
+    x, y = data()
+    return [{"x": x[i], "labels": y[i]} for i in range(len(x))]
+
+
+def arguments(tmp_path, **kwargs):
+    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH, max_steps=STEPS,
+                    learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                    use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                    dataloader_num_workers=0, remove_unused_columns=False, seed=0)
+    settings.update(kwargs)
+    return transformers.TrainingArguments(**settings)
+
+
+def optimizer(kind: str, model):
+    if kind == "imbsam":
+        return imbsam.ImbSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM)
+    return imbsam.SAM(model.parameters(), torch.optim.SGD, rho=RHO, adaptive=kind == "asam", lr=LR,
+                      momentum=MOMENTUM)
+
+
+def train(kind, tmp_path, trainer_cls=InOrder, **kwargs):
+    model = Classifier()
+    split = imbsam.HeadTailLoss(counts(), threshold=20) if kind == "imbsam" else None
+    trainer = trainer_cls(model=model, args=arguments(tmp_path, **kwargs), train_dataset=dataset(),
+                          optimizers=(optimizer(kind, model), None), head_tail_loss=split)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    return model.net, trainer
+
+
+CASES = [("32", 1, None), ("32", 2, None), ("32", 2, 0.5), ("bf16", 1, None), ("bf16", 2, 0.5)]
+
+
+@pytest.mark.parametrize("precision,k,clip", CASES, ids=[f"{p}-k{k}-clip{c}" for p, k, c in CASES])
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_the_trainer_takes_the_hand_written_steps(kind, precision, k, clip, tmp_path):
+    got, _ = train(kind, tmp_path, gradient_accumulation_steps=k, max_grad_norm=clip or 0.0,
+                   bf16=precision == "bf16")
+    # Accelerate autocasts the model's forward only; the loss is taken of fp32 logits.
+    want, _ = reference(kind, "bf16-mixed" if precision == "bf16" else "32", k, clip, gamma=1.0,
+                        loss_in_autocast=False)
+    tolerance = 1e-6 if precision == "32" else 1e-5
+    for (name, a), b in zip(got.named_parameters(), want.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=tolerance), (name, (a - b).abs().max())
+
+
+def test_asam_takes_the_hand_written_steps(tmp_path):
+    got, _ = train("asam", tmp_path)
+    want, _ = reference("asam", "32", 1, None, gamma=1.0)
+    for a, b in zip(got.parameters(), want.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_a_run_resumed_from_a_trainer_checkpoint_continues_bitwise(kind, tmp_path):
+    whole, _ = train(kind, tmp_path / "whole", max_steps=4, gradient_accumulation_steps=2)
+    train(kind, tmp_path / "split", max_steps=4, gradient_accumulation_steps=2, save_strategy="steps",
+          save_steps=2)
+    checkpoint = str(tmp_path / "split" / "out" / "checkpoint-2")
+    model = Classifier()
+    with torch.no_grad():  # nothing of the fresh model's own weights may survive the resume
+        for p in model.parameters():
+            p.add_(1.0)
+    split = imbsam.HeadTailLoss(counts(), threshold=20) if kind == "imbsam" else None
+    trainer = InOrder(model=model, args=arguments(tmp_path / "resumed", max_steps=4, gradient_accumulation_steps=2),
+                      train_dataset=dataset(), optimizers=(optimizer(kind, model), None), head_tail_loss=split)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=checkpoint)
+    assert trainer.state.global_step == 4
+    for a, b in zip(model.net.parameters(), whole.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_imbsams_tail_classes_come_from_the_training_labels(tmp_path):
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=16, num_labels=4))
+    g = torch.Generator().manual_seed(0)
+    labels = [0] * 50 + [1] * 20 + [2] * 1 + [3] * 1  # the paper's threshold, n_max / 25 = 2: classes 2 and 3
+    train_set = [{"input_ids": torch.randint(0, 50, (8,), generator=g), "labels": torch.tensor(c)} for c in labels]
+    opt = imbsam.ImbSAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3)
+    trainer = SharpnessTrainer(model=model, args=arguments(tmp_path, max_steps=3, bf16=True), train_dataset=train_set,
+                               optimizers=(opt, None))
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert torch.equal(trainer.head_tail_loss.tail_classes.cpu(), torch.tensor([False, False, True, True]))
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_class_counts_read_a_dataset_of_dicts():
+    assert class_counts(dataset(), 4).tolist() == counts().tolist()
+
+
+def test_another_optimizer_trains_as_in_the_plain_trainer(tmp_path):
+    model = Classifier()
+    trainer = InOrder(model=model, args=arguments(tmp_path, max_steps=1), train_dataset=dataset(),
+                      optimizers=(torch.optim.SGD(model.parameters(), lr=LR), None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    net = network()
+    x, y = data()
+    F.cross_entropy(net(x[:BATCH]), y[:BATCH]).backward()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.sub_(LR * p.grad)
+    for a, b in zip(model.net.parameters(), net.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-7)
+
+
+def test_a_sharpness_schedule_is_refused_before_the_first_step(tmp_path):
+    model = Classifier()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = imbsam.SAM(model.parameters(), torch.optim.SGD, lr=LR, schedule=imbsam.schedules.Periodic(2))
+    trainer = InOrder(model=model, args=arguments(tmp_path, max_steps=1), train_dataset=dataset(),
+                      optimizers=(opt, None))
+    with pytest.raises(RuntimeError, match="takes neither a sharpness schedule nor use_grad_scaler"):
+        trainer.train()
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+
+
+def test_imbsam_itself_never_imports_transformers():
+    code = "import sys, imbsam, imbsam.integrations; print('transformers' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_without_transformers_the_import_names_the_extra():
+    code = "import sys; sys.modules['transformers'] = None\nimport imbsam.integrations.hf"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode != 0
+    assert "imbsam.integrations.hf needs transformers: pip install 'imbsam[hf]'" in done.stderr
+
+
+def test_the_example_trains():
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import hf_imbsam
+    finally:
+        sys.path.pop(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert 0 < hf_imbsam.main(["--steps", "4"]) < float("inf")
