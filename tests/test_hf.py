@@ -21,9 +21,9 @@ if os.environ.get("CI"):  # CI installs it (requirements.txt): missing there is 
 else:
     transformers = pytest.importorskip("transformers", reason="needs transformers (pip install 'imbsam[hf]')")
 
-from imbsam.integrations.hf import SharpnessTrainer, class_counts  # noqa: E402
+from imbsam.integrations.hf import SharpnessTrainer, accelerated_step, class_counts  # noqa: E402
 
-from hand_written_sam import BATCH, LR, MOMENTUM, RHO, STEPS, counts, data, network, reference  # noqa: E402
+from hand_written_sam import BATCH, LR, MOMENTUM, RHO, STEPS, counts, data, loader, network, reference  # noqa: E402
 
 
 class Classifier(torch.nn.Module):
@@ -196,3 +196,43 @@ def test_the_example_trains():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert 0 < hf_imbsam.main(["--steps", "4"]) < float("inf")
+
+
+def accelerator(**kwargs):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one process, several settings in turn
+    return Accelerator(cpu=True, **kwargs)
+
+
+ACCELERATE_CASES = [("no", None), ("no", 0.5), ("bf16", None), ("bf16", 0.5)]
+
+
+@pytest.mark.parametrize("precision,clip", ACCELERATE_CASES, ids=[f"{p}-clip{c}" for p, c in ACCELERATE_CASES])
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_accelerated_step_takes_the_hand_written_steps(kind, precision, clip):
+    acc = accelerator(mixed_precision=precision)
+    net = network()
+    opt = optimizer(kind, net)
+    net, opt = acc.prepare(net, opt)
+    loss_fn = imbsam.HeadTailLoss(counts(), threshold=20) if kind == "imbsam" else F.cross_entropy
+    for x, y in list(loader())[:STEPS]:
+        accelerated_step(acc, net, opt, loss_fn, x, y, max_grad_norm=clip)
+    want, _ = reference(kind, "bf16-mixed" if precision == "bf16" else "32", 1, clip, gamma=1.0,
+                        loss_in_autocast=False)
+    tolerance = 1e-6 if precision == "no" else 1e-5
+    for a, b in zip(acc.unwrap_model(net).parameters(), want.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=tolerance), (a - b).abs().max()
+
+
+def test_accelerated_step_refuses_accelerates_own_accumulation():
+    acc = accelerator(gradient_accumulation_steps=2)
+    net = network()
+    net, opt = acc.prepare(net, optimizer("sam", net))
+    before = [p.detach().clone() for p in net.parameters()]
+    x, y = data()
+    with pytest.raises(RuntimeError, match="without Accelerate's gradient accumulation"):
+        accelerated_step(acc, net, opt, F.cross_entropy, x[:BATCH], y[:BATCH])
+    for a, b in zip(net.parameters(), before):
+        assert torch.equal(a, b)

@@ -17,6 +17,10 @@ and every micro-batch of the step runs again (DDP's sync on the last only), then
 g_H is added into ``.grad``. The Trainer then clips (``max_grad_norm``: the gradient the base
 step uses) and calls ``optimizer.step()`` (through Accelerate's GradScaler in fp16), which
 restores w and steps; a step the scaler skips leaves the weights at w.
+
+Accelerate users with a loop of their own call ``accelerated_step(accelerator, model,
+optimizer, loss_fn, inputs, targets, max_grad_norm=...)`` in place of the forward,
+``accelerator.backward``, ``accelerator.clip_grad_norm_`` and ``optimizer.step()``.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ except ImportError as error:  # the core never needs transformers
                       "(or pip install transformers accelerate)") from error
 
 from imbsam.batch_norm import frozen_running_stats
+from imbsam.integrations._whole_batch_step import check_optimizer, whole_batch_step
 from imbsam.losses import HeadTailLoss
 from imbsam.optim import ImbSAM
 from imbsam.optim._wrapper import SharpnessOptimizer
@@ -175,3 +180,42 @@ class SharpnessTrainer(transformers.Trainer):
             raise RuntimeError(f"imbsam: {name} in SharpnessTrainer takes neither a sharpness schedule nor "
                                "use_grad_scaler (Accelerate's GradScaler serves): build it without schedule= and drop "
                                "use_grad_scaler")
+
+
+def accelerated_step(accelerator, model: torch.nn.Module, optimizer, loss_fn, inputs, targets, *,
+                     max_grad_norm: float | None = None, frozen_bn_stats: bool = False) -> torch.Tensor:
+    """One SAM / ASAM / ImbSAM step in an Accelerate loop, on the prepared model and optimizer;
+    returns the loss at w (detached).
+
+    ``loss_fn(output, target)``: the loss, or ImbSAM's ``(head, tail)``. Every backward is
+    scaled by the accelerator's GradScaler (fp16); ``max_grad_norm`` clips, through
+    ``accelerator.clip_grad_norm_`` (which unscales), the gradient the base step uses; the
+    prepared optimizer's ``step()`` ends the step (skipped on an inf: the weights stay at w).
+    One process, no ``gradient_accumulation_steps`` (refused by name).
+    """
+    inner = optimizer
+    while hasattr(inner, "optimizer") and not isinstance(inner, SharpnessOptimizer):  # AcceleratedOptimizer
+        inner = inner.optimizer
+    check_optimizer(inner, "accelerated_step", "built before accelerator.prepare")
+    if accelerator.num_processes > 1 or accelerator.gradient_accumulation_steps > 1:
+        raise RuntimeError("imbsam: accelerated_step runs on one process without Accelerate's gradient "
+                           f"accumulation (here {accelerator.num_processes} processes, "
+                           f"gradient_accumulation_steps={accelerator.gradient_accumulation_steps}): not supported yet")
+    scaler = accelerator.scaler
+
+    def before_step():
+        if max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+
+    def step():
+        if optimizer is not inner:  # Accelerate's wrapper: its scaler's step and update
+            return optimizer.step()
+        if scaler is None:
+            return inner.step()
+        scaler.step(inner)
+        scaler.update()
+
+    return whole_batch_step(model, inner, loss_fn, inputs, targets,
+                            scale=scaler.scale if scaler is not None else (lambda loss: loss),
+                            backward=lambda loss, **kwargs: loss.backward(**kwargs), before_step=before_step,
+                            step=step, frozen_bn_stats=frozen_bn_stats)

@@ -39,7 +39,7 @@ except ImportError as error:
     raise ImportError(f"imbsam.integrations.timm needs timm's optimizer registry, which timm {timm.__version__} "
                       "lacks: pip install 'timm>=1.0.31'") from error
 
-from imbsam.batch_norm import frozen_running_stats
+from imbsam.integrations._whole_batch_step import check_optimizer, whole_batch_step
 from imbsam.optim import SAM, ImbSAM
 
 # timm's base optimizer names, each with what timm's own registration of it says.
@@ -81,48 +81,23 @@ def sharpness_step(model: torch.nn.Module, optimizer, loss_fn, inputs, targets, 
     uses. ``frozen_bn_stats``: keep the BatchNorm running statistics out of the forward at
     w + e (the paper's loop updates them in both). The gradients are left in ``.grad``.
     """
-    if not isinstance(optimizer, (SAM, ImbSAM)):
-        raise TypeError(f"sharpness_step takes an imbsam.SAM or imbsam.ImbSAM (timm's '{NAMES[0]}', ...), got "
-                        f"{type(optimizer).__name__}: for another optimizer keep timm's own step")
-    if optimizer.schedule is not None or "grad_scaler" in optimizer._engine.helpers:
-        raise RuntimeError("imbsam: sharpness_step takes neither a sharpness schedule nor use_grad_scaler (it scales "
-                           "with loss_scaler itself): build the optimizer without schedule= and drop use_grad_scaler")
+    check_optimizer(optimizer, "sharpness_step", f"timm's '{NAMES[0]}', ...")
     scaler = getattr(loss_scaler, "_scaler", loss_scaler)  # NativeScaler keeps its GradScaler there
-    scaled = scaler.scale if scaler is not None else (lambda loss: loss)
-    imbsam_step = isinstance(optimizer, ImbSAM)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    optimizer.zero_grad(set_to_none=True)
-    try:
-        with amp_autocast():
-            first = loss_fn(model(inputs), targets)
-        if imbsam_step:
-            head, tail = first
-            scaled(head).backward(retain_graph=True)
-            optimizer.first_step()  # g_H set aside
-            scaled(tail).backward()
-            optimizer.second_step()  # w + e from g_T (scale-free: e is a direction times rho)
-            loss = head + tail
-        else:
-            loss = first
-            scaled(loss).backward()
-            optimizer.first_step()
-        with frozen_running_stats(model) if frozen_bn_stats else contextlib.nullcontext():
-            with amp_autocast():
-                again = loss_fn(model(inputs), targets)
-        scaled(again[1] if imbsam_step else again).backward()
-        if imbsam_step:
-            optimizer._engine.fold_head_grads()  # .grad: g_H + g_T', each scaled alike
+
+    def before_step():
         if scaler is not None:
             scaler.unscale_(optimizer)  # the step's one check for infs: every pass ends in this gradient
         if clip_grad is not None:
             dispatch_clip_grad(params, clip_grad, mode=clip_mode)
-        with optimizer.finishing_by_step():
-            if scaler is not None:
-                scaler.step(optimizer)  # skipped on an inf: the weights go back to w below
-                scaler.update()
-            else:
-                optimizer.step()
-    finally:
-        if optimizer._engine.phase != "idle":
-            optimizer.abandon_step()
-    return loss.detach()
+
+    def step():
+        if scaler is None:
+            return optimizer.step()
+        scaler.step(optimizer)  # skipped on an inf: the weights go back to w
+        scaler.update()
+
+    return whole_batch_step(model, optimizer, loss_fn, inputs, targets,
+                            scale=scaler.scale if scaler is not None else (lambda loss: loss),
+                            backward=lambda loss, **kwargs: loss.backward(**kwargs), before_step=before_step,
+                            step=step, autocast=amp_autocast, frozen_bn_stats=frozen_bn_stats)
