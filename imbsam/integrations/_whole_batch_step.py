@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from imbsam.batch_norm import frozen_running_stats
+from imbsam.integrations._refusals import refuse_schedule_and_grad_scaler
 from imbsam.optim import SAM, ImbSAM
 
 
@@ -23,10 +24,7 @@ def check_optimizer(optimizer, caller: str, names: str) -> None:
     if not isinstance(optimizer, (SAM, ImbSAM)):
         raise TypeError(f"{caller} takes an imbsam.SAM or imbsam.ImbSAM ({names}), got {type(optimizer).__name__}: "
                         "for another optimizer keep the loop's own step")
-    if optimizer.schedule is not None or "grad_scaler" in optimizer._engine.helpers:
-        raise RuntimeError(f"imbsam: {caller} takes neither a sharpness schedule nor use_grad_scaler (it scales "
-                           "through the loop's own scaler): build the optimizer without schedule= and drop "
-                           "use_grad_scaler")
+    refuse_schedule_and_grad_scaler(optimizer, caller)
 
 
 def whole_batch_step(model: torch.nn.Module, optimizer, loss_fn, inputs, targets, *,

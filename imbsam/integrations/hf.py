@@ -35,6 +35,7 @@ except ImportError as error:  # the core never needs transformers
                       "(or pip install transformers accelerate)") from error
 
 from imbsam.batch_norm import frozen_running_stats
+from imbsam.integrations._refusals import refuse_schedule_and_grad_scaler
 from imbsam.integrations._whole_batch_step import check_optimizer, whole_batch_step
 from imbsam.losses import HeadTailLoss
 from imbsam.optim import ImbSAM
@@ -176,10 +177,7 @@ class SharpnessTrainer(transformers.Trainer):
         if self.accelerator.num_processes > 1:
             raise RuntimeError(f"imbsam: {name} in SharpnessTrainer on {self.accelerator.num_processes} processes is "
                                "not supported yet (ImbSAM's tail gradient would not be averaged): use one process")
-        if opt.schedule is not None or "grad_scaler" in opt._engine.helpers:
-            raise RuntimeError(f"imbsam: {name} in SharpnessTrainer takes neither a sharpness schedule nor "
-                               "use_grad_scaler (Accelerate's GradScaler serves): build it without schedule= and drop "
-                               "use_grad_scaler")
+        refuse_schedule_and_grad_scaler(opt, "SharpnessTrainer")
 
 
 def accelerated_step(accelerator, model: torch.nn.Module, optimizer, loss_fn, inputs, targets, *,

@@ -48,6 +48,7 @@ except ImportError as error:  # the core never needs Lightning
                       "(or pip install lightning)") from error
 
 from imbsam.batch_norm import frozen_running_stats
+from imbsam.integrations._refusals import refuse_schedule_and_grad_scaler
 from imbsam.optim import ImbSAM
 from imbsam.optim._wrapper import SharpnessOptimizer
 
@@ -242,12 +243,7 @@ class SharpnessModule(pl.LightningModule):
             raise RuntimeError(f"imbsam: {name} in Lightning on {self.trainer.world_size} processes runs under the "
                                f"'ddp' strategies (DDPStrategy, any launcher) only, not {type(strategy).__name__}: its "
                                "passes average over the ranks as DDP does")
-        if opt.schedule is not None:
-            raise RuntimeError(f"imbsam: {name} with a sharpness schedule is not supported in Lightning yet (a step "
-                               "it does not sharpen takes other passes); build the optimizer without schedule=")
-        if "grad_scaler" in opt._engine.helpers:
-            raise RuntimeError("imbsam: use_grad_scaler is for hand-written loops; under Lightning's 16-mixed the "
-                               "Trainer's own GradScaler serves, through this module: remove the use_grad_scaler call")
+        refuse_schedule_and_grad_scaler(opt, "Lightning")
 
     # The pass at w + e runs training_step again: what it logs would count twice.
     def log(self, *args, **kwargs) -> None:
