@@ -305,8 +305,12 @@ def test_compile_step_under_a_per_step_scheduler_names_the_tensor_lr_and_trains_
         return model
 
     torch._dynamo.reset()
-    with pytest.raises(RuntimeError, match=r"recompiled until dynamo's limit.*lr=torch.tensor\(0.1\)"):
-        run(0.1)
+    # Dynamo's default limit, whatever an earlier test's imports set for the process (timm.optim
+    # raises it to 1,000,000 at import, so a float lr recompiled every step without a word).
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{limit: 8}):
+        with pytest.raises(RuntimeError, match=r"recompiled until dynamo's limit.*lr=torch.tensor\(0.1\)"):
+            run(0.1)
     torch._dynamo.reset()
     assert all(torch.isfinite(p).all() for p in run(torch.tensor(0.1)).parameters())
 
