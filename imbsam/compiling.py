@@ -132,6 +132,13 @@ def _recompile_limit_errors() -> tuple:
     return tuple(getattr(torch._dynamo.exc, name) for name in names if hasattr(torch._dynamo.exc, name))
 
 
+# compile_step's own recompile limit, dynamo's default, whatever the process has set: a step
+# recompiled at every call (a float lr under a scheduler) is then named at its 9th compile.
+# timm.optim sets the process's limit to 1,000,000 at import; with it such a step recompiled
+# at every step without a word.
+_RECOMPILE_LIMIT = {("recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"): 8}
+
+
 def compile_step(step: Callable, backend: Union[str, Backend] = "inductor", fullgraph: bool = True,
                  **compile_kwargs: Any) -> Callable:
     """``step`` (a function that runs forwards, backwards and the optimizer's phases)
@@ -167,7 +174,7 @@ def compile_step(step: Callable, backend: Union[str, Backend] = "inductor", full
         # At every call, not at torch.compile(): dynamo traces (and retraces) when called.
         outer, _IN_COMPILE_STEP[0] = _IN_COMPILE_STEP[0], True
         try:
-            with torch._dynamo.config.patch(trace_autograd_ops=True):
+            with torch._dynamo.config.patch(trace_autograd_ops=True, **_RECOMPILE_LIMIT):
                 return compiled(*args, **kwargs)
         except _recompile_limit_errors() as error:
             raise RuntimeError(

@@ -304,13 +304,14 @@ def test_compile_step_under_a_per_step_scheduler_names_the_tensor_lr_and_trains_
             scheduler.step()
         return model
 
-    torch._dynamo.reset()
-    # Dynamo's default limit, whatever an earlier test's imports set for the process (timm.optim
-    # raises it to 1,000,000 at import, so a float lr recompiled every step without a word).
+    # At dynamo's default limit and at the one timm.optim sets for the whole process at import
+    # (1,000,000: with it a float lr recompiled the step at every step, without a word).
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    with torch._dynamo.config.patch(**{limit: 8}):
-        with pytest.raises(RuntimeError, match=r"recompiled until dynamo's limit.*lr=torch.tensor\(0.1\)"):
-            run(0.1)
+    for value in (8, 1_000_000):
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(**{limit: value}):
+            with pytest.raises(RuntimeError, match=r"recompiled until dynamo's limit.*lr=torch.tensor\(0.1\)"):
+                run(0.1)
     torch._dynamo.reset()
     assert all(torch.isfinite(p).all() for p in run(torch.tensor(0.1)).parameters())
 
