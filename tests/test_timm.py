@@ -118,3 +118,39 @@ def test_another_optimizer_is_refused_by_name():
     net = network()
     with pytest.raises(TypeError, match="sharpness_step takes an imbsam.SAM or imbsam.ImbSAM .* got SGD"):
         imbsam_timm.sharpness_step(net, torch.optim.SGD(net.parameters(), lr=0.1), F.cross_entropy, *data())
+
+
+def _rank_trains(rank: int, world: int, path: str, kind: str) -> None:
+    net = network()
+    opt = create_optimizer_v2(net, f"{kind}momentum", lr=LR, momentum=MOMENTUM, weight_decay=0.0, rho=RHO)
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    loss_fn = imbsam.HeadTailLoss(counts(), threshold=20) if kind == "imbsam" else F.cross_entropy
+    outcome = "trained"
+    for x, y in list(loader(2 * BATCH))[:STEPS]:  # global batches of 16, each rank every other sample
+        try:
+            imbsam_timm.sharpness_step(model, opt, loss_fn, x[rank::world], y[rank::world])
+        except RuntimeError as error:
+            outcome = str(error)
+            break
+    torch.save({"outcome": outcome, "weights": [p.detach() for p in net.parameters()]}, path)
+
+
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_under_ddp_sam_takes_the_one_process_step_and_imbsam_is_refused(kind, tmp_path):
+    """SAM: both passes go through DDP's forward and backward, averaged: two gloo ranks take
+    the one-process steps on the global batch. ImbSAM: refused before anything is written."""
+    from ranks import run_ranks
+
+    paths = run_ranks(_rank_trains, (kind,), str(tmp_path / "rank"))
+    results = [torch.load(path, weights_only=True) for path in paths]
+    if kind == "imbsam":
+        for result in results:
+            assert "ImbSAM's step on a DistributedDataParallel model is not supported" in result["outcome"]
+            for a, b in zip(result["weights"], network().parameters()):
+                assert torch.equal(a, b)
+        return
+    want, _ = reference("sam", "32", 1, None, batch=2 * BATCH, gamma=1.0)
+    for result in results:
+        assert result["outcome"] == "trained"
+        for a, b in zip(result["weights"], want.parameters()):
+            assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()

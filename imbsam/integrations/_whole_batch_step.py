@@ -39,6 +39,12 @@ def whole_batch_step(model: torch.nn.Module, optimizer, loss_fn, inputs, targets
     ``(head, tail)``.
     """
     imbsam_step = isinstance(optimizer, ImbSAM)
+    if imbsam_step and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # Its head and tail backwards go through one DDP forward, which DDP reduces once.
+        raise RuntimeError("imbsam: ImbSAM's step on a DistributedDataParallel model is not supported by this "
+                           "step function yet (the tail's backward goes through the forward the head's used, which "
+                           "DDP reduces once): write the loop with imbsam.sync_data_parallel (README, 'Distributed "
+                           "and mixed precision'); SAM and ASAM run here under DDP")
     optimizer.zero_grad(set_to_none=True)
     try:
         with autocast():
