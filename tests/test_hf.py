@@ -207,3 +207,29 @@ def test_accelerated_step_refuses_accelerates_own_accumulation():
         accelerated_step(acc, net, opt, F.cross_entropy, x[:BATCH], y[:BATCH])
     for a, b in zip(net.parameters(), before):
         assert torch.equal(a, b)
+
+
+def _rank_trains(rank: int, world: int, path: str, kind: str, out: str) -> None:
+    """One rank of the Trainer under DDP (gloo; the group made by the test's launcher)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    model = Classifier()
+    split = imbsam.HeadTailLoss(counts(), threshold=20) if kind == "imbsam" else None
+    trainer = InOrder(model=model, args=arguments(out, ddp_backend="gloo", gradient_accumulation_steps=2),
+                      train_dataset=dataset(), optimizers=(optimizer(kind, model), None), head_tail_loss=split)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    torch.save([p.detach() for p in model.net.parameters()], path)
+
+
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_two_ddp_processes_take_the_steps_of_one_on_the_global_batch(kind, tmp_path):
+    """Accelerate gives rank r batches r, r + 2, ... of the in-order loader: with batches of 8
+    on two ranks, global batch i is samples 16 i ... 16 i + 15."""
+    from ranks import run_ranks
+
+    paths = run_ranks(_rank_trains, (kind, tmp_path / "out"), str(tmp_path / "rank"))
+    want, _ = reference(kind, "32", 2, None, batch=2 * BATCH, gamma=1.0)
+    for path in paths:
+        for a, b in zip(torch.load(path, weights_only=True), want.parameters()):
+            assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()

@@ -16,7 +16,8 @@ its inputs recorded; at the step's last micro-batch the perturbation phase moves
 and every micro-batch of the step runs again (DDP's sync on the last only), then ImbSAM's
 g_H is added into ``.grad``. The Trainer then clips (``max_grad_norm``: the gradient the base
 step uses) and calls ``optimizer.step()`` (through Accelerate's GradScaler in fp16), which
-restores w and steps; a step the scaler skips leaves the weights at w.
+restores w and steps; a step the scaler skips leaves the weights at w. Under DDP the pass at
+w + e goes through the wrapped model, and ImbSAM's tail gradient at w is averaged here.
 
 Accelerate users with a loop of their own call ``accelerated_step(accelerator, model,
 optimizer, loss_fn, inputs, targets, max_grad_norm=...)`` in place of the forward,
@@ -30,11 +31,13 @@ import torch
 
 try:
     import transformers
+    from accelerate.utils import DistributedType
 except ImportError as error:  # the core never needs transformers
     raise ImportError("imbsam.integrations.hf needs transformers: pip install 'imbsam[hf]' "
                       "(or pip install transformers accelerate)") from error
 
 from imbsam.batch_norm import frozen_running_stats
+from imbsam.integrations._ranks import average_over_ranks
 from imbsam.integrations._refusals import refuse_schedule_and_grad_scaler
 from imbsam.integrations._whole_batch_step import check_optimizer, whole_batch_step
 from imbsam.losses import HeadTailLoss
@@ -141,6 +144,7 @@ class SharpnessTrainer(transformers.Trainer):
                 opt.first_step()  # g_H set aside
                 for p, g in zip(self._params(opt), self._tail_grads):
                     p.grad = g
+                average_over_ranks(self._tail_grads, self.accelerator.num_processes)  # autograd.grad bypasses DDP
                 opt.second_step()  # w + e from g_T
             else:
                 opt.first_step()
@@ -174,9 +178,10 @@ class SharpnessTrainer(transformers.Trainer):
 
     def _refuse_what_is_not_supported(self, opt) -> None:
         name = type(opt).__name__
-        if self.accelerator.num_processes > 1:
-            raise RuntimeError(f"imbsam: {name} in SharpnessTrainer on {self.accelerator.num_processes} processes is "
-                               "not supported yet (ImbSAM's tail gradient would not be averaged): use one process")
+        kind = self.accelerator.distributed_type
+        if self.accelerator.num_processes > 1 and kind not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+            raise RuntimeError(f"imbsam: {name} in SharpnessTrainer on several processes runs under DDP only "
+                               f"(Accelerate's MULTI_CPU / MULTI_GPU), not {kind}: its passes average as DDP does")
         refuse_schedule_and_grad_scaler(opt, "SharpnessTrainer")
 
 

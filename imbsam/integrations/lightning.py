@@ -48,6 +48,7 @@ except ImportError as error:  # the core never needs Lightning
                       "(or pip install lightning)") from error
 
 from imbsam.batch_norm import frozen_running_stats
+from imbsam.integrations._ranks import average_over_ranks
 from imbsam.integrations._refusals import refuse_schedule_and_grad_scaler
 from imbsam.optim import ImbSAM
 from imbsam.optim._wrapper import SharpnessOptimizer
@@ -99,25 +100,6 @@ def _recording(training_step):
 
     recorded._imbsam_recording = True
     return recorded
-
-
-def _average_over_ranks(grads: list, world: int) -> None:
-    """Each tensor of ``grads`` (None skipped) replaced in place by its mean over the ranks:
-    one all-reduce per dtype, of the tensors flattened."""
-    if world == 1:
-        return
-    by_dtype: dict = {}
-    for g in grads:
-        if g is not None:
-            by_dtype.setdefault(g.dtype, []).append(g)
-    for tensors in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        torch.distributed.all_reduce(flat)
-        flat.div_(world)
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
 
 
 def _sharpness_optimizer(optimizer):
@@ -195,7 +177,7 @@ class SharpnessModule(pl.LightningModule):
             if isinstance(opt, ImbSAM):
                 opt.first_step()  # g_H (in .grad, averaged by DDP's backward) set aside
                 record.tail_into_grad()
-                _average_over_ranks(record.tail_grads, self.trainer.world_size)  # autograd.grad bypasses DDP
+                average_over_ranks(record.tail_grads, self.trainer.world_size)  # autograd.grad bypasses DDP
                 opt.second_step()  # w + e from g_T
             else:
                 opt.first_step()
