@@ -267,3 +267,126 @@ def test_a_strategy_other_than_ddp_is_refused_on_several_processes():
         model._refuse_what_is_not_supported(model.configure_optimizers()["optimizer"])
     for got, want in zip(model.parameters(), before):
         assert torch.equal(got, want)
+
+
+# ---- what a user's module does besides returning the loss (a review's findings, 2026-12-05) ----
+
+def weights_of(model) -> list:
+    return [p.detach().clone() for p in model.net.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_validation_calling_training_step_changes_no_step(kind):
+    """validation_step = training_step is common; with the sanity check on, its batches were
+    replayed at w + e as if they belonged to the step."""
+
+    class Validating(Model):
+        def validation_step(self, batch, batch_idx):
+            return self.training_step(batch, batch_idx)
+
+    plain = Model(kind)
+    fit(plain, max_steps=4)
+    validating = Validating(kind)
+    t = trainer(max_steps=4, num_sanity_val_steps=2, val_check_interval=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(validating, loader(), loader())
+    for a, b in zip(weights_of(validating), weights_of(plain)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["sam", "imbsam"])
+def test_what_training_step_does_to_its_batch_does_not_reach_the_pass_at_w_plus_e(kind):
+    """An in-place edit of the batch (x.div_(2)) and a dict batch popped: the pass at w + e gets
+    the batch as the loader gave it, so both train as the out-of-place version does."""
+
+    class InPlace(Model):
+        def training_step(self, batch, batch_idx):
+            x, y = batch["x"], batch.pop("y")
+            x.div_(2.0)
+            return super().training_step((x, y), batch_idx)
+
+    class OutOfPlace(Model):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch["x"] / 2.0, batch["y"]), batch_idx)
+
+    x, y = data()
+    dicts = [{"x": x[i], "y": y[i]} for i in range(len(x))]
+    results = []
+    for cls in (InPlace, OutOfPlace):
+        model = cls(kind)
+        t = trainer()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t.fit(model, torch.utils.data.DataLoader(dicts, batch_size=BATCH))
+        results.append(weights_of(model))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_a_training_step_inherited_from_another_base_is_recorded():
+    class Existing(pl.LightningModule):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+    class Sharp(SharpnessModule, Existing):
+        def __init__(self):
+            super().__init__()
+            self.net = network()
+
+        def configure_optimizers(self):
+            return Model.configure_optimizers(self)
+
+        kind, scheduler = "sam", True
+
+    model = Sharp()
+    fit(model)
+    want, _ = reference("sam", "32", 1, None)
+    for a, b in zip(model.net.parameters(), want.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_an_optimizer_step_override_without_super_is_named():
+    class WarmUp(Model):
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            optimizer.step(closure=optimizer_closure)  # Lightning's docs' warm-up pattern, without super()
+
+    with pytest.raises(RuntimeError, match="an optimizer_step override must call super\\(\\).optimizer_step"):
+        fit(WarmUp("sam"), max_steps=3)
+
+
+def test_with_another_optimizer_nothing_is_kept():
+    class Plain(Model):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+    model = Plain("sam")
+    fit(model, max_steps=5)
+    assert model._sharpness_record().inputs == []
+
+
+def test_an_imbsam_loss_that_is_not_head_plus_tail_is_refused():
+    class Regularised(Model):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            out["loss"] = out["loss"] + 0.1 * sum(p.square().sum() for p in self.parameters())
+            return out
+
+    model = Regularised("imbsam")
+    before = weights_of(model)
+    with pytest.raises(ValueError, match="'loss' .* is not 'head_loss' \\+ 'tail_loss'"):
+        fit(model, max_steps=1)
+    for a, b in zip(weights_of(model), before):
+        assert torch.equal(a, b)
+
+
+def test_training_step_knows_when_it_runs_at_w_plus_e():
+    class Counting(Model):
+        def training_step(self, batch, batch_idx):
+            self.calls = getattr(self, "calls", []) + [self.sharpness_second_pass]
+            return super().training_step(batch, batch_idx)
+
+    model = Counting("sam")
+    fit(model, max_steps=2)
+    assert model.calls == [False, True, False, True]

@@ -38,6 +38,7 @@ import contextlib
 import functools
 
 import torch
+from torch.utils._pytree import tree_map
 
 try:
     import lightning.pytorch as pl
@@ -82,19 +83,35 @@ class _StepRecord:
         self.__init__()
 
 
+def _copy_of(inputs):
+    """The batch's tensors copied, its containers rebuilt: what training_step does to the batch
+    (``x.div_(255)``, ``batch.pop("labels")``) must not reach the pass at w + e."""
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
+
+
 def _recording(training_step):
-    """``training_step`` that also records its inputs and output for the step's later passes."""
+    """``training_step`` that also records its inputs and output for the step's later passes:
+    the fit loop's calls only (not validation's, not the sanity check's), with a SAM optimizer."""
 
     @functools.wraps(training_step)
     def recorded(self, *args, **kwargs):
         record = self._sharpness_record()
+        outermost = record.depth == 0 and not record.at_perturbed and self._records_steps()
+        if outermost:
+            k = self.trainer.accumulate_grad_batches
+            if len(record.inputs) >= k:  # our optimizer_step did not run after the last window
+                raise RuntimeError("imbsam: SharpnessModule's optimizer_step did not run after the last step's "
+                                   f"{k} micro-batch(es): an optimizer_step override must call "
+                                   "super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure), "
+                                   "which runs the step's passes")
+            copy = _copy_of((args, kwargs))
         record.depth += 1
         try:
             output = training_step(self, *args, **kwargs)
         finally:
             record.depth -= 1
-        if record.depth == 0 and not record.at_perturbed:
-            record.inputs.append((args, kwargs))
+        if outermost:
+            record.inputs.append(copy)
             record.output = output
         return output
 
@@ -125,9 +142,28 @@ class SharpnessModule(pl.LightningModule):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        step = cls.__dict__.get("training_step")
-        if step is not None and not getattr(step, "_imbsam_recording", False):
+        # The training_step the class resolves: its own, or one inherited from another base
+        # (class Model(SharpnessModule, ExistingModule)).
+        step = getattr(cls, "training_step", None)
+        if step is not None and step is not pl.LightningModule.training_step \
+                and not getattr(step, "_imbsam_recording", False):
             cls.training_step = _recording(step)
+
+    @property
+    def sharpness_second_pass(self) -> bool:
+        """True while ``training_step`` runs again at w + e: what it does besides returning the
+        loss (a metric's ``update``, a memory bank, online statistics) happens twice a step
+        unless it checks this (``self.log`` is ignored there already)."""
+        return self._sharpness_record().at_perturbed
+
+    def _records_steps(self) -> bool:
+        """Whether a training_step call now belongs to a step this module runs: the fit loop's
+        training, with one SAM / ImbSAM optimizer."""
+        trainer = self._trainer
+        if trainer is None or not trainer.training or trainer.sanity_checking:
+            return False
+        optimizers = trainer.optimizers
+        return len(optimizers) == 1 and _sharpness_optimizer(optimizers[0]) is not None
 
     def _sharpness_record(self) -> _StepRecord:
         record = self.__dict__.get("_imbsam_record")
@@ -155,12 +191,25 @@ class SharpnessModule(pl.LightningModule):
             return super().backward(loss, *args, **kwargs)
         record = self._sharpness_record()
         head, tail = self._head_and_tail(record.output)
+        if not self.__dict__.get("_imbsam_loss_checked"):  # once a fit: one host sync
+            self._check_loss_is_head_plus_tail(record.output["loss"], head, tail)
         k = self.trainer.accumulate_grad_batches
         params = [p for group in optimizers[0].param_groups for p in group["params"] if p.requires_grad]
         # torch.autograd.grad leaves .grad alone, so the head's sum accumulates there alone.
         record.add_tail(params, torch.autograd.grad(self._scaled(tail / k), params, retain_graph=True,
                                                     allow_unused=True))
         self._scaled(head / k).backward(*args, **kwargs)
+
+    def _check_loss_is_head_plus_tail(self, loss, head, tail) -> None:
+        """ImbSAM's step uses the gradients of head_loss and tail_loss alone: a term of "loss"
+        beyond them (a regulariser) would be dropped without a word."""
+        expected = (head + tail).detach().float()
+        if not torch.allclose(loss.detach().float(), expected, rtol=1e-3, atol=1e-6, equal_nan=True):
+            raise ValueError(f"imbsam: with ImbSAM, training_step's 'loss' ({loss.item():.6g}) is not "
+                             f"'{HEAD_KEY}' + '{TAIL_KEY}' ({expected.item():.6g}): the step uses the gradients of "
+                             "those two only, so the rest of 'loss' would be dropped. Add any other term (a "
+                             f"regulariser) into '{HEAD_KEY}', or into '{TAIL_KEY}' to sharpen it too")
+        self.__dict__["_imbsam_loss_checked"] = True
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         opt = _sharpness_optimizer(optimizer)
