@@ -233,3 +233,37 @@ def test_two_ddp_processes_take_the_steps_of_one_on_the_global_batch(kind, tmp_p
     for path in paths:
         for a, b in zip(torch.load(path, weights_only=True), want.parameters()):
             assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("own", ["compute_loss", "label_smoothing_factor", "compute_loss_func"])
+def test_a_loss_of_the_users_own_is_refused_with_imbsam(own, tmp_path):
+    """ImbSAM's losses come from head_tail_loss: these were ignored without a word."""
+
+    class Weighted(InOrder):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    model = Classifier()
+    before = [p.detach().clone() for p in model.parameters()]
+    extra = {"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: outputs["loss"]} \
+        if own == "compute_loss_func" else {}
+    trainer = (Weighted if own == "compute_loss" else InOrder)(
+        model=model, args=arguments(tmp_path, max_steps=1), train_dataset=dataset(),
+        optimizers=(optimizer("imbsam", model), None), head_tail_loss=imbsam.HeadTailLoss(counts(), threshold=20),
+        **extra)
+    if own == "label_smoothing_factor":  # what label_smoothing_factor=0.3 sets (its check wants a model config)
+        from transformers.trainer_pt_utils import LabelSmoother
+
+        trainer.label_smoother = LabelSmoother(epsilon=0.3)
+    with pytest.raises(RuntimeError, match=f"so {'a compute_loss override' if own == 'compute_loss' else own} would "
+                                           "be ignored"):
+        trainer.train()
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+
+
+def test_class_counts_read_label_as_well():
+    x, y = data()
+    assert class_counts([{"x": x[i], "label": y[i]} for i in range(len(x))], 4).tolist() == counts().tolist()
+    with pytest.raises(ValueError, match="none of \\('labels', 'label'\\): pass head_tail_loss"):
+        class_counts([{"x": x[0], "target": y[0]}], 4)

@@ -154,3 +154,48 @@ def test_under_ddp_sam_takes_the_one_process_step_and_imbsam_is_refused(kind, tm
         assert result["outcome"] == "trained"
         for a, b in zip(result["weights"], want.parameters()):
             assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("kind,loss_fn,message", [
+    ("imbsam", F.cross_entropy, "with ImbSAM, loss_fn\\(output, target\\) returns \\(head_loss, tail_loss\\)"),
+    ("sam", imbsam.HeadTailLoss(counts(), threshold=20), "with SAM, loss_fn\\(output, target\\) returns the loss"),
+    ("sam", lambda out, y: F.cross_entropy(out, y, reduction="none"), "it returned a tensor of shape \\(8,\\)"),
+], ids=["imbsam-one-loss", "sam-pair", "sam-per-sample"])
+def test_a_loss_fn_of_the_wrong_kind_is_named_before_any_write(kind, loss_fn, message):
+    net = network()
+    opt = create_optimizer_v2(net, f"{kind}momentum", lr=LR, momentum=MOMENTUM, weight_decay=0.0, rho=RHO)
+    before = [p.detach().clone() for p in net.parameters()]
+    x, y = data()
+    with pytest.raises(TypeError, match=message):
+        imbsam_timm.sharpness_step(net, opt, loss_fn, x[:BATCH], y[:BATCH])
+    for a, b in zip(net.parameters(), before):
+        assert torch.equal(a, b)
+
+
+def test_agc_leaves_the_classifier_head_unclipped_as_timms_loop_does():
+    from timm.utils.clip_grad import dispatch_clip_grad
+
+    torch.manual_seed(0)
+    x, y = data()
+    got = network()
+    opt = create_optimizer_v2(got, "sammomentum", lr=LR, momentum=MOMENTUM, weight_decay=0.0, rho=RHO)
+    imbsam_timm.sharpness_step(got, opt, F.cross_entropy, x[:BATCH], y[:BATCH], clip_grad=0.01, clip_mode="agc")
+    # by hand: SAM's gradient at w + e, AGC on every parameter but the last layer's two
+    net = network()
+    params = list(net.parameters())
+    F.cross_entropy(net(x[:BATCH]), y[:BATCH]).backward()
+    grads = [p.grad.clone() for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.add_(RHO * g / (norm + 1e-16))
+    net.zero_grad()
+    F.cross_entropy(net(x[:BATCH]), y[:BATCH]).backward()
+    with torch.no_grad():
+        for p, b in zip(params, backup):
+            p.copy_(b)
+    dispatch_clip_grad(params[:-2], 0.01, mode="agc")
+    torch.optim.SGD(params, lr=LR, momentum=MOMENTUM).step()
+    for a, b in zip(got.parameters(), params):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()

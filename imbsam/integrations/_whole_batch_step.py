@@ -49,6 +49,7 @@ def whole_batch_step(model: torch.nn.Module, optimizer, loss_fn, inputs, targets
     try:
         with autocast():
             first = loss_fn(model(inputs), targets)
+        _check_losses(first, imbsam_step)  # before any backward
         if imbsam_step:
             head, tail = first
             backward(scale(head), retain_graph=True)
@@ -73,3 +74,14 @@ def whole_batch_step(model: torch.nn.Module, optimizer, loss_fn, inputs, targets
         if optimizer._engine.phase != "idle":  # an error, or a step the scaler skipped: back to w
             optimizer.abandon_step()
     return loss.detach()
+
+
+def _check_losses(losses, imbsam_step: bool) -> None:
+    if imbsam_step and not (isinstance(losses, (tuple, list)) and len(losses) == 2):
+        raise TypeError("imbsam: with ImbSAM, loss_fn(output, target) returns (head_loss, tail_loss), e.g. "
+                        f"imbsam.HeadTailLoss; it returned {type(losses).__name__}")
+    if not imbsam_step and not (isinstance(losses, torch.Tensor) and losses.dim() == 0):
+        got = f"a tensor of shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else \
+            type(losses).__name__
+        raise TypeError(f"imbsam: with SAM, loss_fn(output, target) returns the loss, one number (a 0-d tensor); "
+                        f"it returned {got} (imbsam.HeadTailLoss's pair is ImbSAM's)")

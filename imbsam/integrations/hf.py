@@ -44,14 +44,23 @@ from imbsam.losses import HeadTailLoss
 from imbsam.optim import ImbSAM
 from imbsam.optim._wrapper import SharpnessOptimizer
 
+LABEL_KEYS = ("labels", "label")  # the Trainer's name, and the datasets' (its collator renames it)
+
 
 def class_counts(dataset, num_classes: int) -> torch.Tensor:
-    """How many samples of each class ``dataset``'s ``labels`` hold (items are dicts, as the
-    Trainer's datasets give them; a ``datasets.Dataset`` is read by column)."""
-    if hasattr(dataset, "column_names") and "labels" in dataset.column_names:
-        labels = torch.as_tensor(dataset["labels"])
+    """How many samples of each class ``dataset``'s labels hold (``labels`` or ``label``; items
+    are dicts, as the Trainer's datasets give them; a ``datasets.Dataset`` is read by column)."""
+    columns = getattr(dataset, "column_names", None)
+    first = columns if columns is not None else (dataset[0] if len(dataset) else {})
+    key = next((k for k in LABEL_KEYS if k in first), None)
+    if key is None:
+        raise ValueError(f"imbsam: SharpnessTrainer counts ImbSAM's classes from the training labels, but the "
+                         f"dataset's items have none of {LABEL_KEYS}: pass head_tail_loss=imbsam.HeadTailLoss("
+                         "class_counts)")
+    if columns is not None:
+        labels = torch.as_tensor(dataset[key])
     else:
-        labels = torch.as_tensor([int(dataset[i]["labels"]) for i in range(len(dataset))])
+        labels = torch.as_tensor([int(dataset[i][key]) for i in range(len(dataset))])
     return torch.bincount(labels.reshape(-1), minlength=num_classes)
 
 
@@ -183,6 +192,18 @@ class SharpnessTrainer(transformers.Trainer):
             raise RuntimeError(f"imbsam: {name} in SharpnessTrainer on several processes runs under DDP only "
                                f"(Accelerate's MULTI_CPU / MULTI_GPU), not {kind}: its passes average as DDP does")
         refuse_schedule_and_grad_scaler(opt, "SharpnessTrainer")
+        if isinstance(opt, ImbSAM):
+            # ImbSAM's losses are HeadTailLoss's on the logits: a loss of the user's own would
+            # be ignored without a word.
+            own = [what for what, there in (
+                ("a compute_loss override", type(self).compute_loss is not transformers.Trainer.compute_loss),
+                ("compute_loss_func", self.compute_loss_func is not None),
+                ("label_smoothing_factor", self.label_smoother is not None)) if there]
+            if own:
+                raise RuntimeError(f"imbsam: ImbSAM in SharpnessTrainer takes its head and tail losses from "
+                                   f"head_tail_loss (imbsam.HeadTailLoss on the logits), so {', '.join(own)} would "
+                                   "be ignored: drop it, and give class weights or the tail's weight to "
+                                   "HeadTailLoss (tail_weight=) instead")
 
 
 def accelerated_step(accelerator, model: torch.nn.Module, optimizer, loss_fn, inputs, targets, *,

@@ -33,6 +33,7 @@ except ImportError as error:  # the core never needs timm
     raise ImportError("imbsam.integrations.timm needs timm: pip install 'imbsam[timm]' (or pip install timm)") \
         from error
 try:  # the factory's registry (the version tested: 1.0.31)
+    from timm.models import model_parameters
     from timm.optim._optim_factory import OptimInfo, default_registry
     from timm.utils.clip_grad import dispatch_clip_grad
 except ImportError as error:
@@ -83,13 +84,28 @@ def sharpness_step(model: torch.nn.Module, optimizer, loss_fn, inputs, targets, 
     """
     check_optimizer(optimizer, "sharpness_step", f"timm's '{NAMES[0]}', ...")
     scaler = getattr(loss_scaler, "_scaler", loss_scaler)  # NativeScaler keeps its GradScaler there
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # timm's train loop clips all parameters, but the classifier head's out of AGC (its
+    # model_parameters(exclude_head=...)): the same parameters here.
+    params = list(model_parameters(model, exclude_head="agc" in clip_mode))
 
     def before_step():
         if scaler is not None:
             scaler.unscale_(optimizer)  # the step's one check for infs: every pass ends in this gradient
-        if clip_grad is not None:
-            dispatch_clip_grad(params, clip_grad, mode=clip_mode)
+        if clip_grad is None:
+            return
+        if "agc" not in clip_mode:
+            return dispatch_clip_grad(params, clip_grad, mode=clip_mode)
+        # AGC scales each gradient by its weight's norm: w's, as without SAM, not w + e's (the
+        # weights are restored only at the step). Stand-ins at w carry the same .grad tensors.
+        at_w = optimizer._engine.weights_at_w()
+        stand_ins = [at_w.get(id(p), p.detach()) for p in params]
+        for stand_in, p in zip(stand_ins, params):
+            stand_in.grad = p.grad
+        try:
+            dispatch_clip_grad(stand_ins, clip_grad, mode=clip_mode)
+        finally:
+            for stand_in in stand_ins:
+                stand_in.grad = None
 
     def step():
         if scaler is None:

@@ -261,6 +261,11 @@ class SharpnessEngine:
                 p.grad = None
         self.phase = "head"
 
+    def weights_at_w(self) -> dict[int, Tensor]:
+        """While perturbed: each perturbed parameter's w (its backup, not to be written), by
+        ``id``; for a trainer's clipping that reads the weights (timm's AGC)."""
+        return {id(p): b for plan in self._perturbed.values() for p, b in zip(plan.params, plan.backups)}
+
     @torch.no_grad()
     def fold_head_grads(self) -> None:
         """ImbSAM's g_H added into ``.grad`` (g' at w + e), so that the last phase steps on
