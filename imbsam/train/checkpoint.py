@@ -30,11 +30,12 @@ def save_checkpoint(path: str, state: dict) -> None:
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "data_rng", "torch_rng", "history", "wall_s", "args")
 
 
-def load_checkpoint(path: str, device: torch.device) -> dict:
+def load_checkpoint(path: str, device: torch.device, keys: tuple = CHECKPOINT_KEYS) -> dict:
     """A checkpoint written by this trainer, loaded with ``weights_only=True``: tensors,
     numbers, strings and containers only, so a crafted file cannot run code. A file that
     is truncated, empty, not a checkpoint or not this trainer's is refused with a message
-    (and left as it is)."""
+    (and left as it is). ``keys``: what the file must hold (another pipeline's checkpoints
+    hold other things)."""
     if not os.path.isfile(path):
         raise SystemExit(f"--resume: no checkpoint at {path}")
     advice = ("it was not written by this trainer, or was cut short; move it away to start afresh, "
@@ -54,7 +55,7 @@ def load_checkpoint(path: str, device: torch.device) -> dict:
     except Exception as exc:  # a damaged file fails anywhere in the unpickler (IndexError, KeyError, ...)
         raise SystemExit(f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}: "
                          f"{str(exc).strip()[:200]}); {advice}") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise SystemExit(f"--resume: {path} is not a checkpoint of this trainer (missing: {', '.join(missing)}); "
                          f"{advice}")

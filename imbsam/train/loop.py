@@ -15,8 +15,10 @@ PROGRESS_EVERY = 20
 
 
 def train_epoch(step: Callable, loader, lr_of: Callable[[], float], progress: bool, desc: str,
-                sum_over_ranks: Callable[[Tensor], Tensor] = lambda t: t, world: int = 1) -> dict:
+                sum_over_ranks: Callable[[Tensor], Tensor] = lambda t: t, world: int = 1, accuracy: bool = True) -> dict:
     """Runs ``step(x, y) -> (loss, logits)`` over the loader; loss and accuracy stay on the device.
+    ``accuracy=False``: the outputs are not class scores (Deep SAD's embeddings), and no
+    accuracy is counted or reported.
 
     Data-parallel (``world`` ranks, each on its share of every batch): the epoch's totals
     are summed over the ranks once at its end; the progress bar shows this rank's loss
@@ -33,21 +35,27 @@ def train_epoch(step: Callable, loader, lr_of: Callable[[], float], progress: bo
     for i, (x, y) in enumerate(loader):
         loss, logits = step(x, y)
         loss_sum += loss.float() * y.numel()
-        correct += (logits.argmax(1) == y).sum()
+        if accuracy:
+            correct += (logits.argmax(1) == y).sum()
         seen += y.numel()
         if bar is not None:
             bar.update(1)
             if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == len(loader):
                 elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
-                                lr=f"{lr_of():.2e}", img_s=f"{world * seen / elapsed:.0f}", refresh=False)
+                shown = dict(loss=f"{loss_sum.item() / seen:.3f}")
+                if accuracy:
+                    shown["acc"] = f"{100 * correct.item() / seen:.1f}"
+                bar.set_postfix(**shown, lr=f"{lr_of():.2e}", img_s=f"{world * seen / elapsed:.0f}", refresh=False)
     if bar is not None:
         bar.close()
     totals = sum_over_ranks(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device)]))
     total_loss, total_correct, seen = totals.tolist()  # one sync per epoch
     seconds = time.perf_counter() - start
-    return dict(train_loss=total_loss / max(seen, 1), train_acc=100 * total_correct / max(seen, 1),
-                images=int(seen), train_s=seconds, images_per_s=seen / seconds if seconds > 0 else 0.0)
+    stats = dict(train_loss=total_loss / max(seen, 1), images=int(seen), train_s=seconds,
+                 images_per_s=seen / seconds if seconds > 0 else 0.0)
+    if accuracy:
+        stats["train_acc"] = 100 * total_correct / max(seen, 1)
+    return stats
 
 
 @torch.no_grad()

@@ -35,12 +35,15 @@ Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[HeadTailLoss] = None,
               autocast_dtype: Optional[torch.dtype] = None, perturbed_bn_stats: str = "update",
-              loss_weight: Optional[Callable[[int], float]] = None, tail_passes: str = "full") -> Step:
+              loss_weight: Optional[Callable[[int], float]] = None, tail_passes: str = "full",
+              loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> Step:
     """A function ``step(x, y) -> (loss, logits)`` for one iteration; both outputs detached.
 
     ``sgd``: a plain optimizer step. ``sam``: the two SAM phases on the same batch.
     ``imbsam``: head and tail losses from ``split`` (required), the three ImbSAM phases;
     the reported loss is head + tail. ``logits`` are those of the first forward pass.
+    ``loss_fn(outputs, y)``: SGD's and SAM's loss (cross-entropy; Deep SAD's in
+    ``imbsam.anomaly``); ``sgd`` is the plain step of whatever ``optimizer`` is.
     ``perturbed_bn_stats="keep"`` keeps the forward at ``w + e`` from updating the
     running statistics of normalisation layers (``"update"``, the paper's: both do).
     ``loss_weight(n)``, when given, multiplies the losses a batch of ``n`` backpropagates
@@ -94,7 +97,7 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
 
     def sgd(x, y):
         logits = forward(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = loss_fn(logits.float(), y)
         weighted(loss, y).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -104,10 +107,10 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
     # returns False): then the step is done, and no pass at w + e follows.
     def sam(x, y):
         logits = forward(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = loss_fn(logits.float(), y)
         weighted(loss, y).backward()
         if optimizer.first_step(zero_grad=True):
-            weighted(F.cross_entropy(perturbed_forward(x).float(), y), y).backward()
+            weighted(loss_fn(perturbed_forward(x).float(), y), y).backward()
             optimizer.second_step(zero_grad=True)
         return loss.detach(), logits.detach()
 
@@ -129,7 +132,7 @@ def make_step(method: str, model: torch.nn.Module, optimizer, split: Optional[He
             head, tail = split(logits, y)
             loss = head + tail
         else:
-            loss = F.cross_entropy(logits.float(), y)
+            loss = loss_fn(logits.float(), y)
         weighted(loss, y).backward()
         optimizer.plain_step()
         return loss.detach(), logits.detach()

@@ -33,20 +33,22 @@ class DeviceLoader:
 
     Args:
         images: (N, C, H, W) uint8; labels: (N,) int64 (moved to ``device`` once).
-        train: shuffle and augment (random crop with ``padding``, horizontal flip).
+        train: shuffle, and augment (random crop with ``padding``, horizontal flip) unless
+            ``augment`` is False.
         generator: the source of all randomness (on ``device``); None for evaluation.
         drop_last: drop the last partial batch (a CUDA graph replays one shape).
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, mean, std, device: torch.device,
                  train: bool, generator: Optional[torch.Generator] = None, drop_last: bool = False,
-                 padding: int = 4, channels_last: bool = False):
+                 padding: int = 4, channels_last: bool = False, augment: bool = True):
         if train and generator is None:
             raise ValueError("a training loader needs a generator")
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.train, self.generator = batch_size, train, generator
         self.drop_last, self.padding, self.channels_last = drop_last, padding, channels_last
+        self.augment = train and augment
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(mean, device=device).view(shape)
         self.std = torch.tensor(std, device=device).view(shape)
@@ -62,7 +64,7 @@ class DeviceLoader:
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[idx]
-            if self.train:
+            if self.augment:
                 x = random_crop_flip(x, self.padding, self.generator)
             x = (x.float() / 255 - self.mean) / self.std
             if self.channels_last:

@@ -107,15 +107,22 @@ def _no_copy_message(name: str, data_root: str) -> str:
             f"{spec['folder']}/), or point --data-root at a folder that holds {spec['folder']}/")
 
 
+def read_cifar(name: str, data_root: str, download: bool = True,
+               verify: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The whole of CIFAR-10 or CIFAR-100 (``name`` is ``cifar10`` or ``cifar100``):
+    training images and labels, test images and labels, in the files' order."""
+    spec = CIFAR[name]
+    folder = _cifar_folder(name, data_root, download, verify)
+    parts = [read_cifar_batch(os.path.join(folder, f), spec["label_key"]) for f, _ in spec["train"]]
+    test_x, test_y = read_cifar_batch(os.path.join(folder, spec["test"][0][0]), spec["label_key"])
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), test_x, test_y
+
+
 def load_cifar_lt(name: str, data_root: str, imb_factor: float, download: bool = True,
                   verify: bool = True) -> LongTailData:
     """CIFAR-10-LT or CIFAR-100-LT (``name`` is ``cifar10`` or ``cifar100``)."""
     spec = CIFAR[name]
-    folder = _cifar_folder(name, data_root, download, verify)
-    parts = [read_cifar_batch(os.path.join(folder, f), spec["label_key"]) for f, _ in spec["train"]]
-    train_x = np.concatenate([p[0] for p in parts])
-    train_y = np.concatenate([p[1] for p in parts])
-    test_x, test_y = read_cifar_batch(os.path.join(folder, spec["test"][0][0]), spec["label_key"])
+    train_x, train_y, test_x, test_y = read_cifar(name, data_root, download, verify)
     n_max = int(np.bincount(train_y, minlength=spec["num_classes"]).max())
     counts = long_tail_counts(n_max, spec["num_classes"], imb_factor)
     keep = first_n_per_class(train_y, counts)
@@ -147,17 +154,23 @@ def _fmnist_message(candidates) -> str:
             f"{FMNIST_DEFAULT_ROOT}); or pass --data-root pointing at a folder with the four .gz files")
 
 
-def load_fmnist_lt(data_root: str | None, imb_factor: float, download: bool = True) -> LongTailData:
-    """Fashion-MNIST-LT from the IDX files (Debian's package by default; torchvision's download otherwise)."""
+def read_fmnist(data_root: str | None, download: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The whole of Fashion-MNIST from its IDX files (Debian's package by default; torchvision's
+    download otherwise): training images (N, 1, 28, 28) and int64 labels, test images and labels."""
     folder = _fmnist_folder(data_root, download)
     train_x, train_y, test_x, test_y = (read_idx(os.path.join(folder, f)) for f in FMNIST_FILES)
-    train_y, test_y = train_y.astype(np.int64), test_y.astype(np.int64)
+    return train_x[:, None], train_y.astype(np.int64), test_x[:, None], test_y.astype(np.int64)
+
+
+def load_fmnist_lt(data_root: str | None, imb_factor: float, download: bool = True) -> LongTailData:
+    """Fashion-MNIST-LT: the first images of each class, as many as the long-tailed profile says."""
+    train_x, train_y, test_x, test_y = read_fmnist(data_root, download)
     n_max = int(np.bincount(train_y, minlength=10).max())
     counts = long_tail_counts(n_max, 10, imb_factor)
     keep = first_n_per_class(train_y, counts)
     mean, std = MEAN_STD["fmnist"]
-    return LongTailData("fmnist-lt", torch.from_numpy(train_x[keep][:, None].copy()), torch.from_numpy(train_y[keep]),
-                        torch.from_numpy(test_x[:, None].copy()), torch.from_numpy(test_y), counts, mean, std)
+    return LongTailData("fmnist-lt", torch.from_numpy(train_x[keep].copy()), torch.from_numpy(train_y[keep]),
+                        torch.from_numpy(test_x.copy()), torch.from_numpy(test_y), counts, mean, std)
 
 
 DATASETS = ("cifar100-lt", "cifar10-lt", "fmnist-lt")

@@ -1,0 +1,3 @@
+from imbsam.anomaly import main
+
+main()
