@@ -4,7 +4,7 @@ ImbSAM's tail. ``python -m imbsam.anomaly --help``; docs/anomaly.md."""
 from __future__ import annotations
 
 
-def main(argv=None) -> None:
+def main(argv=None):
     from imbsam.anomaly.config import parser
     from imbsam.anomaly.run import run
-    run(parser().parse_args(argv))
+    return run(parser().parse_args(argv))

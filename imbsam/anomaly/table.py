@@ -1,0 +1,147 @@
+"""The table and plot of several Deep SAD runs (``python -m imbsam.anomaly`` folders):
+AUROC per normal class and optimizer, mean ± sd over seeds, and the training epoch's
+time as a ratio to Adam's.
+
+    python -m imbsam.anomaly.table RUN... [--plot auroc.png] [--json table.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+
+from imbsam.anomaly.config import OPTIMIZERS
+from imbsam.train.checkpoint import write_json
+from imbsam.train.report import _pyplot, plotting_unavailable
+
+# The published anchor: Deep SAD with Adam on Fashion-MNIST, scenario (i) (gamma_l 0.05, no
+# pollution, one known anomaly class), mean ± sd AUROC (%) over 90 settings (10 normal x 9
+# known anomaly classes), 150 + 150 epochs; Ruff et al., ICLR 2020, as quoted in AGAD's
+# Table 2 (docs/anomaly.md says which copy was read).
+PUBLISHED = {("fmnist", 0.05): (90.5, 6.5)}
+
+
+def read_runs(folders: list[str]) -> list[dict]:
+    """Every finished optimizer's metrics under the run folders."""
+    found = []
+    for folder in folders:
+        here = [os.path.join(folder, o, "metrics.json") for o in OPTIMIZERS]
+        here = [p for p in here if os.path.isfile(p)]
+        if not here:
+            raise SystemExit(f"{folder}: no finished optimizer (no <opt>/metrics.json): not a finished run of "
+                             "python -m imbsam.anomaly")
+        for path in here:
+            with open(path) as f:
+                found.append(json.load(f))
+    settings = {(m["args"]["dataset"], m["args"]["gamma_l"], m["args"]["gamma_p"], m["epochs"], m["ae_epochs"])
+                for m in found}
+    if len(settings) > 1:
+        raise SystemExit("the runs mix settings (dataset, gamma_l, gamma_p, epochs, pre-training epochs): "
+                         + "; ".join(map(str, sorted(settings))) + "; tabulate each separately")
+    return found
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def summarise(runs: list[dict]) -> dict:
+    """{opt: {normal_class: [AUROC % per seed]}}, the per-class and overall mean ± sd, and
+    the epoch time ratio to Adam's (median over the runs that trained both)."""
+    per = defaultdict(lambda: defaultdict(list))
+    time = defaultdict(dict)  # (class, seed) -> {opt: epoch s}
+    for m in runs:
+        a = m["args"]
+        per[m["opt"]][a["normal_class"]].append(100 * m["auroc"])
+        for key in ("auroc_known", "auroc_unknown"):
+            per[f"{m['opt']}:{key}"][a["normal_class"]].append(100 * m[key])
+        time[(a["normal_class"], a["seed"])][m["opt"]] = m["epoch_train_s"]
+    opts = [o for o in OPTIMIZERS if o in per]
+    out = dict(optimizers=opts, classes=sorted({c for o in opts for c in per[o]}), auroc={}, overall={},
+               seeds=sorted({m["args"]["seed"] for m in runs}))
+    for o in opts:
+        out["auroc"][o] = {c: _mean_sd(v) + (len(v),) for c, v in sorted(per[o].items())}
+        # Over classes: the mean of the class means, and the sd of every (class, seed) run, as Deep SAD reports.
+        every = [x for v in per[o].values() for x in v]
+        out["overall"][o] = dict(all=_mean_sd(every), runs=len(every),
+                                 known=_mean_sd([x for v in per[f"{o}:auroc_known"].values() for x in v]),
+                                 novel=_mean_sd([x for v in per[f"{o}:auroc_unknown"].values() for x in v]))
+        ratios = [t[o] / t["adam"] for t in time.values() if o in t and "adam" in t]
+        out["overall"][o]["epoch_x_adam"] = statistics.median(ratios) if ratios else float("nan")
+    return out
+
+
+def format_summary(s: dict, setting: dict) -> str:
+    cell = lambda ms: "    -     " if ms is None else f"{ms[0]:5.1f} ± {ms[1]:4.1f}".replace("nan", "  - ")  # noqa: E731
+    opts = s["optimizers"]
+    lines = [f"Deep SAD on {setting['dataset']}, gamma_l {setting['gamma_l']:g}, gamma_p {setting['gamma_p']:g}, "
+             f"{setting['ae_epochs']} pre-training + {setting['epochs']} training epochs, seeds "
+             f"{', '.join(map(str, s['seeds']))}: test AUROC (%) at the final epoch, mean ± sd over seeds",
+             f"{'normal class':14s}" + "".join(f"{o:>16s}" for o in opts)]
+    for c in s["classes"]:
+        lines.append(f"{c:<14d}" + "".join(f"{cell(s['auroc'][o].get(c, (None,))[:2] if c in s['auroc'][o] else None):>16s}"
+                                           for o in opts))
+    for key, label in (("all", "all classes"), ("known", "known class"), ("novel", "novel classes")):
+        lines.append(f"{label:14s}" + "".join(f"{cell(s['overall'][o][key]):>16s}" for o in opts))
+    lines.append(f"{'epoch x Adam':14s}" + "".join(f"{s['overall'][o]['epoch_x_adam']:16.2f}" for o in opts))
+    published = PUBLISHED.get((setting["dataset"], setting["gamma_l"]))
+    if published and setting["gamma_p"] == 0:
+        lines.append(f"published Deep SAD (Adam, 150 + 150 epochs, 90 settings): {published[0]:.1f} ± {published[1]:.1f}")
+    lines.append("'all classes': over every (normal class, seed) run; 'known': normal against the labelled anomalies' "
+                 "class; 'novel': against the other eight")
+    return "\n".join(lines)
+
+
+def plot_summary(s: dict, title: str, path: str) -> None:
+    """AUROC per normal class, one bar per optimizer (mean over seeds, sd as the error bar)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    opts, classes = s["optimizers"], s["classes"]
+    width = 0.8 / len(opts)
+    for k, o in enumerate(opts):
+        xs = [c + (k - (len(opts) - 1) / 2) * width for c in classes]
+        means = [s["auroc"][o][c][0] for c in classes]
+        sds = [0 if math.isnan(s["auroc"][o][c][1]) else s["auroc"][o][c][1] for c in classes]
+        overall = s["overall"][o]["all"][0]
+        ax.bar(xs, means, width, yerr=sds, capsize=2, color=f"C{k}", label=f"{o} (mean {overall:.1f})")
+    ax.set_xticks(classes)
+    ax.set_xlabel("normal class")
+    ax.set_ylabel("test AUROC (%), final epoch")
+    low = min(s["auroc"][o][c][0] for o in opts for c in classes)
+    ax.set_ylim(max(0, low - 10), 100)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m imbsam.anomaly.table", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run folders of python -m imbsam.anomaly")
+    ap.add_argument("--plot", default=None, help="also write a PNG: AUROC per normal class and optimizer")
+    ap.add_argument("--json", default=None, help="also write the summary as JSON")
+    args = ap.parse_args(argv)
+    if args.plot and plotting_unavailable():  # before any work: the plot was asked for
+        raise SystemExit(f"--plot: {plotting_unavailable()}")
+    runs = read_runs(args.runs)
+    first = runs[0]
+    setting = dict(dataset=first["args"]["dataset"], gamma_l=first["args"]["gamma_l"],
+                   gamma_p=first["args"]["gamma_p"], epochs=first["epochs"], ae_epochs=first["ae_epochs"])
+    s = summarise(runs)
+    text = format_summary(s, setting)
+    print(text)
+    if args.json:
+        write_json(args.json, dict(setting=setting, **s, text=text))
+    if args.plot:
+        plot_summary(s, text.splitlines()[0], args.plot)
+        print(f"wrote {args.plot}")
+    return s
+
+
+if __name__ == "__main__":
+    main()
