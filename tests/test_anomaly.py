@@ -12,8 +12,14 @@ import torch
 
 from imbsam.anomaly import main
 from imbsam.anomaly.auroc import auroc
-from imbsam.anomaly.data import (LABELLED_ANOMALY, LABELLED_NORMAL, UNLABELLED, load_setting, semi_supervised_split,
-                                 setting_counts)
+from imbsam.anomaly.data import (
+    LABELLED_ANOMALY,
+    LABELLED_NORMAL,
+    UNLABELLED,
+    load_setting,
+    semi_supervised_split,
+    setting_counts,
+)
 from imbsam.anomaly.loss import EPS, centre_from, deep_sad_loss, head_tail_losses, sample_losses
 
 from synthetic_data import write_cifar, write_fmnist
@@ -135,7 +141,8 @@ def test_end_to_end_every_optimizer_from_one_pretraining(fmnist_root, tmp_path):
     for opt, m in results.items():
         with open(os.path.join(out, opt, "metrics.json")) as f:
             assert json.load(f) == json.loads(json.dumps(m))
-        assert 0 <= m["auroc"] <= 1 and len(m["history"]) == 3 and m["counts"]["labelled_anomalies"] == setting_counts(30, 0.1, 0)[1] == 3
+        assert 0 <= m["auroc"] <= 1 and len(m["history"]) == 3
+        assert m["counts"]["labelled_anomalies"] == setting_counts(30, 0.1, 0)[1] == 3
         assert m["backend"] == ("-" if opt == "adam" else "cpp")
     # The optimizers differ, so their networks do: each really trained with its own.
     weights = {opt: final_weights(out, opt)["fc2.weight"] for opt in results}
@@ -162,10 +169,11 @@ def test_at_rho_0_every_optimizer_is_adam(fmnist_root, tmp_path):
 def test_imbsam_without_labelled_anomalies_in_the_batch_is_adams_step(fmnist_root):
     """ImbSAM's perturbation comes from the labelled anomalies' loss alone: on a batch
     without any, e = 0 and the step is Adam's on the same loss."""
+    import argparse
+
     from imbsam.anomaly.models import FashionMNISTEncoder
     from imbsam.anomaly.run import build_optimizer
     from imbsam.train.step import make_step
-    import argparse
     args = argparse.Namespace(lr=1e-3, weight_decay=5e-7, rho=0.5, backend="reference")
     x, semi = torch.rand(16, 1, 28, 28), torch.zeros(16, dtype=torch.int64)
     c = torch.full((64,), 0.1)

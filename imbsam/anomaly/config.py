@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=5e-7, help="Adam's L2 term, as Deep SAD's")
     a = ap.add_argument_group("autoencoder pre-training (Adam)")
     a.add_argument("--ae-lr", type=float, default=1e-4)
-    a.add_argument("--ae-epochs", type=int, default=150, help="0: no pre-training (the centre from the initial network)")
+    a.add_argument("--ae-epochs", type=int, default=150,
+                   help="0: no pre-training (the centre from the initial network)")
     a.add_argument("--ae-lr-milestone", type=int, default=50)
     a.add_argument("--ae-weight-decay", type=float, default=5e-4)
     r = ap.add_argument_group("run")

@@ -65,15 +65,16 @@ def semi_supervised_split(labels: np.ndarray, normal_class: int, known_anomaly_c
     n_unlabelled, n_labelled = setting_counts(len(normal), gamma_l, gamma_p)
     candidates = np.flatnonzero(labels == known_anomaly_class)
     if n_labelled > len(candidates):
-        raise ValueError(f"gamma_l={gamma_l:g} asks for {n_labelled} labelled anomalies of class {known_anomaly_class}, "
-                         f"which has {len(candidates)} training images")
+        raise ValueError(f"gamma_l={gamma_l:g} asks for {n_labelled} labelled anomalies of class "
+                         f"{known_anomaly_class}, which has {len(candidates)} training images")
     labelled = rng.permutation(candidates)[:n_labelled]
     pool = np.setdiff1d(np.flatnonzero(labels != normal_class), labelled)
     if n_unlabelled > len(pool):
         raise ValueError(f"gamma_p={gamma_p:g} asks for {n_unlabelled} unlabelled anomalies; {len(pool)} are left")
     unlabelled = rng.permutation(pool)[:n_unlabelled]
     index = np.concatenate([normal, unlabelled, labelled])
-    semi = np.concatenate([np.full(len(normal) + len(unlabelled), UNLABELLED), np.full(len(labelled), LABELLED_ANOMALY)])
+    semi = np.concatenate([np.full(len(normal) + len(unlabelled), UNLABELLED),
+                           np.full(len(labelled), LABELLED_ANOMALY)])
     order = np.argsort(index, kind="stable")
     return index[order], semi[order].astype(np.int64)
 

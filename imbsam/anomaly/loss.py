@@ -39,7 +39,8 @@ def head_tail_losses(z: Tensor, c: Tensor, semi: Tensor, eta: float) -> tuple[Te
     losses = sample_losses(z, c, semi, eta)
     anomalous = semi == LABELLED_ANOMALY
     zero = torch.zeros((), device=losses.device, dtype=losses.dtype)
-    return torch.where(anomalous, zero, losses).sum() / len(semi), torch.where(anomalous, losses, zero).sum() / len(semi)
+    head = torch.where(anomalous, zero, losses).sum() / len(semi)
+    return head, torch.where(anomalous, losses, zero).sum() / len(semi)
 
 
 def centre_from(mean: Tensor, min_abs: float = CENTRE_MIN_ABS) -> Tensor:

@@ -82,14 +82,15 @@ def format_summary(s: dict, setting: dict) -> str:
              f"{', '.join(map(str, s['seeds']))}: test AUROC (%) at the final epoch, mean ± sd over seeds",
              f"{'normal class':14s}" + "".join(f"{o:>16s}" for o in opts)]
     for c in s["classes"]:
-        lines.append(f"{c:<14d}" + "".join(f"{cell(s['auroc'][o].get(c, (None,))[:2] if c in s['auroc'][o] else None):>16s}"
+        lines.append(f"{c:<14d}" + "".join(f"{cell(s['auroc'][o][c][:2] if c in s['auroc'][o] else None):>16s}"
                                            for o in opts))
     for key, label in (("all", "all classes"), ("known", "known class"), ("novel", "novel classes")):
         lines.append(f"{label:14s}" + "".join(f"{cell(s['overall'][o][key]):>16s}" for o in opts))
     lines.append(f"{'epoch x Adam':14s}" + "".join(f"{s['overall'][o]['epoch_x_adam']:16.2f}" for o in opts))
     published = PUBLISHED.get((setting["dataset"], setting["gamma_l"]))
     if published and setting["gamma_p"] == 0:
-        lines.append(f"published Deep SAD (Adam, 150 + 150 epochs, 90 settings): {published[0]:.1f} ± {published[1]:.1f}")
+        lines.append(f"published Deep SAD (Adam, 150 + 150 epochs, 90 settings): "
+                     f"{published[0]:.1f} ± {published[1]:.1f}")
     lines.append("'all classes': over every (normal class, seed) run; 'known': normal against the labelled anomalies' "
                  "class; 'novel': against the other eight")
     return "\n".join(lines)

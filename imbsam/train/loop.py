@@ -15,7 +15,8 @@ PROGRESS_EVERY = 20
 
 
 def train_epoch(step: Callable, loader, lr_of: Callable[[], float], progress: bool, desc: str,
-                sum_over_ranks: Callable[[Tensor], Tensor] = lambda t: t, world: int = 1, accuracy: bool = True) -> dict:
+                sum_over_ranks: Callable[[Tensor], Tensor] = lambda t: t, world: int = 1,
+                accuracy: bool = True) -> dict:
     """Runs ``step(x, y) -> (loss, logits)`` over the loader; loss and accuracy stay on the device.
     ``accuracy=False``: the outputs are not class scores (Deep SAD's embeddings), and no
     accuracy is counted or reported.
