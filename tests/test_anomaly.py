@@ -265,12 +265,13 @@ def test_table_summarises_runs_and_plots(fmnist_root, tmp_path):
         main(cli(fmnist_root, out, "--opt", "adam", "imbsam", "--normal-class", str(normal), "--seed", str(seed),
                  "--ae-epochs", "0", "--epochs", "1"))
         runs.append(out)
-    s = table.main([*runs, "--plot", str(tmp_path / "t.png"), "--json", str(tmp_path / "t.json")])
+    s = table.main([*runs, "--plot", str(tmp_path / "t.png"), "--plot-curves", str(tmp_path / "c.png"),
+                    "--json", str(tmp_path / "t.json")])
     assert s["classes"] == [0, 2] and s["optimizers"] == ["adam", "imbsam"] and s["seeds"] == [0, 1]
     ms = [json.load(open(os.path.join(r, "imbsam", "metrics.json"))) for r in runs]
     assert s["auroc"]["imbsam"][0][0] == pytest.approx(100 * (ms[0]["auroc"] + ms[1]["auroc"]) / 2)
     assert s["auroc"]["imbsam"][0][2] == 2 and s["overall"]["imbsam"]["runs"] == 3
-    assert os.path.getsize(tmp_path / "t.png") > 0
+    assert os.path.getsize(tmp_path / "t.png") > 0 and os.path.getsize(tmp_path / "c.png") > 0
     with pytest.raises(SystemExit, match="mix settings"):
         other = str(tmp_path / "other")
         main(cli(fmnist_root, other, "--opt", "adam", "--ae-epochs", "0", "--epochs", "2"))

@@ -2,7 +2,7 @@
 AUROC per normal class and optimizer, mean ± sd over seeds, and the training epoch's
 time as a ratio to Adam's.
 
-    python -m imbsam.anomaly.table RUN... [--plot auroc.png] [--json table.json]
+    python -m imbsam.anomaly.table RUN... [--plot auroc.png] [--plot-curves curves.png] [--json table.json]
 """
 from __future__ import annotations
 
@@ -121,13 +121,36 @@ def plot_summary(s: dict, title: str, path: str) -> None:
     plt.close(fig)
 
 
+def plot_curves(runs: list[dict], title: str, path: str) -> None:
+    """Test AUROC after each epoch, per optimizer: the mean over the runs, and each run faintly
+    (whether the epochs afforded were enough to level off)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for k, o in enumerate(o for o in OPTIMIZERS if any(m["opt"] == o for m in runs)):
+        curves = [[100 * h["auroc"] for h in m["history"]] for m in runs if m["opt"] == o]
+        epochs = range(1, len(curves[0]) + 1)
+        for c in curves:
+            ax.plot(epochs, c, color=f"C{k}", alpha=0.12, lw=0.8)
+        ax.plot(epochs, [statistics.fmean(v) for v in zip(*curves)], color=f"C{k}", lw=2, marker=".",
+                label=f"{o} (mean of {len(curves)} runs)")
+    ax.set_xlabel("epoch (after the pre-training)")
+    ax.set_ylabel("test AUROC (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m imbsam.anomaly.table", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders of python -m imbsam.anomaly")
     ap.add_argument("--plot", default=None, help="also write a PNG: AUROC per normal class and optimizer")
+    ap.add_argument("--plot-curves", default=None, help="also write a PNG: test AUROC per epoch and optimizer")
     ap.add_argument("--json", default=None, help="also write the summary as JSON")
     args = ap.parse_args(argv)
-    if args.plot and plotting_unavailable():  # before any work: the plot was asked for
+    if (args.plot or args.plot_curves) and plotting_unavailable():  # before any work: a plot was asked for
         raise SystemExit(f"--plot: {plotting_unavailable()}")
     runs = read_runs(args.runs)
     first = runs[0]
@@ -141,6 +164,9 @@ def main(argv=None) -> dict:
     if args.plot:
         plot_summary(s, text.splitlines()[0], args.plot)
         print(f"wrote {args.plot}")
+    if args.plot_curves:
+        plot_curves(runs, text.splitlines()[0], args.plot_curves)
+        print(f"wrote {args.plot_curves}")
     return s
 
 
