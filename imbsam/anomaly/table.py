@@ -11,6 +11,7 @@ import json
 import math
 import os
 import statistics
+import textwrap
 from collections import defaultdict
 
 from imbsam.anomaly.config import OPTIMIZERS
@@ -75,7 +76,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def format_summary(s: dict, setting: dict) -> str:
-    cell = lambda ms: "    -     " if ms is None else f"{ms[0]:5.1f} ± {ms[1]:4.1f}".replace("nan", "  - ")  # noqa: E731
+    cell = lambda ms: "    -     " if ms is None else f"{ms[0]:5.1f} ± {ms[1]:4.1f}".replace("nan", " - ")  # noqa: E731
     opts = s["optimizers"]
     lines = [f"Deep SAD on {setting['dataset']}, gamma_l {setting['gamma_l']:g}, gamma_p {setting['gamma_p']:g}, "
              f"{setting['ae_epochs']} pre-training + {setting['epochs']} training epochs, seeds "
@@ -115,7 +116,7 @@ def plot_summary(s: dict, title: str, path: str) -> None:
     ax.set_ylim(max(0, low - 10), 100)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 100), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -134,10 +135,12 @@ def plot_curves(runs: list[dict], title: str, path: str) -> None:
         ax.plot(epochs, [statistics.fmean(v) for v in zip(*curves)], color=f"C{k}", lw=2, marker=".",
                 label=f"{o} (mean of {len(curves)} runs)")
     ax.set_xlabel("epoch (after the pre-training)")
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test AUROC (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 100), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
