@@ -315,3 +315,16 @@ def test_backends_agree_in_the_pipeline(fmnist_root, tmp_path):
         assert runs["cpp"][opt]["auroc"] == pytest.approx(runs["reference"][opt]["auroc"], abs=0.02)
         for k, v in runs["reference"]["weights"][opt].items():
             torch.testing.assert_close(runs["cpp"]["weights"][opt][k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_cifar10_end_to_end_with_pollution(tmp_path):
+    """CIFAR-10 for a user who has it: the command on synthetic files in the real format,
+    with unlabelled anomalies (gamma_p) in the training set."""
+    root = write_cifar(str(tmp_path / "data"), 10, per_class=40, test_per_class=5)
+    out = str(tmp_path / "run")
+    results = main(["--dataset", "cifar10", "--data-root", root, "--no-download", "--skip-checksum",
+                    "--normal-class", "5", "--gamma-l", "0.05", "--gamma-p", "0.1", "--batch-size", "16",
+                    "--ae-epochs", "1", "--epochs", "1", "--device", "cpu", "--out", out, "--no-progress",
+                    "--opt", "adam", "imbsam"])
+    assert results["imbsam"]["counts"] == dict(normal=40, unlabelled_anomalies=4, labelled_anomalies=2)
+    assert results["imbsam"]["args"]["known_anomaly_class"] == 6
