@@ -152,18 +152,27 @@ def test_end_to_end_every_optimizer_from_one_pretraining(fmnist_root, tmp_path):
     assert "x Adam" in log and "imbsam" in log.splitlines()[-1]
 
 
-def test_at_rho_0_every_optimizer_is_adam(fmnist_root, tmp_path):
+@pytest.mark.parametrize("bn_stats", ["keep", "update"])
+def test_at_rho_0_every_optimizer_is_adam(fmnist_root, tmp_path, bn_stats):
     """The same pre-trained start, the same centre and the same batches in the same order
-    for every optimizer: at rho = 0 SAM's and ImbSAM's steps are Adam's, so their
-    networks end equal to rounding (a different batch order alone would part them)."""
+    for every optimizer: at rho = 0 SAM's and ImbSAM's steps are Adam's, so their weights
+    end equal to rounding (a different batch order alone would part them). With
+    ``--perturbed-bn-stats keep`` their BatchNorm statistics, and so their AUROCs, are
+    Adam's too; with ``update`` (the paper's loop) the forward at w + e moves them again."""
     out = str(tmp_path / "run")
-    main(cli(fmnist_root, out, "--opt", "adam", "sam", "imbsam", "--rho", "0", "--batch-size", "8"))
+    results = main(cli(fmnist_root, out, "--opt", "adam", "sam", "imbsam", "--rho", "0", "--batch-size", "8",
+                       "--perturbed-bn-stats", bn_stats))
     adam = final_weights(out, "adam")
     for opt in ("sam", "imbsam"):
         other = final_weights(out, opt)
         for k, v in adam.items():
-            if "running" not in k and "num_batches" not in k:  # the pass at w + e moves BatchNorm's statistics
+            statistics = "running" in k or "num_batches" in k
+            if statistics and bn_stats == "update":
+                assert not torch.equal(other[k], v), f"{opt} {k}"
+            else:
                 torch.testing.assert_close(other[k], v, rtol=1e-4, atol=1e-6, msg=f"{opt} {k}")
+        if bn_stats == "keep":
+            assert results[opt]["auroc"] == pytest.approx(results["adam"]["auroc"], abs=1e-9)
 
 
 def test_imbsam_without_labelled_anomalies_in_the_batch_is_adams_step(fmnist_root):
@@ -229,6 +238,8 @@ def test_resume_continues_bitwise(fmnist_root, tmp_path):
     (["--opt", "sam", "sam"], "an optimizer named twice"),
     (["--epochs", "0"], "--epochs 0: at least 1"),
     (["--backend", "cuda", "--opt", "sam"], "--backend cuda"),
+    (["--seed", "-1"], "--seed -1: at least 0"),
+    (["--gamma-l", "0.01"], "--gamma-l 0.01 of 30 normal images gives no labelled anomaly"),
 ])
 def test_bad_options_are_refused_before_anything_is_written(fmnist_root, tmp_path, extra, message):
     out = tmp_path / "run"
@@ -244,6 +255,13 @@ def test_an_existing_run_needs_resume_and_the_same_options(fmnist_root, tmp_path
         main(cli(fmnist_root, out, "--opt", "adam"))
     with pytest.raises(SystemExit, match=r"--seed 5 \(before: 0\)"):
         main(cli(fmnist_root, out, "--opt", "adam", "--resume", "--seed", "5"))
+    # The same options on other data (another --data-root) are another setting.
+    other_root = write_fmnist(str(tmp_path / "other"), per_class=30, test_per_class=8, seed=1)
+    with pytest.raises(SystemExit, match=r"other data \(--data-root .*other"):
+        main(cli(other_root, out, "--opt", "adam", "--resume"))
+    # Adam does not use rho: a finished Adam run is reused whatever --rho says.
+    main(cli(fmnist_root, out, "--opt", "adam", "--resume"))
+    assert list(main(cli(fmnist_root, out, "--opt", "adam", "--resume", "--rho", "0.3"))) == ["adam"]
 
 
 def test_cifar10_setting_and_network_on_synthetic_files(tmp_path):
@@ -272,10 +290,21 @@ def test_table_summarises_runs_and_plots(fmnist_root, tmp_path):
     assert s["auroc"]["imbsam"][0][0] == pytest.approx(100 * (ms[0]["auroc"] + ms[1]["auroc"]) / 2)
     assert s["auroc"]["imbsam"][0][2] == 2 and s["overall"]["imbsam"]["runs"] == 3
     assert os.path.getsize(tmp_path / "t.png") > 0 and os.path.getsize(tmp_path / "c.png") > 0
-    with pytest.raises(SystemExit, match="mix settings"):
-        other = str(tmp_path / "other")
-        main(cli(fmnist_root, other, "--opt", "adam", "--ae-epochs", "0", "--epochs", "2"))
+    other = str(tmp_path / "other")
+    main(cli(fmnist_root, other, "--opt", "adam", "imbsam", "--ae-epochs", "0", "--epochs", "2"))
+    with pytest.raises(SystemExit, match="mix settings.*epochs: 1, 2"):
         table.main([runs[0], other])
+    rho = str(tmp_path / "rho")
+    main(cli(fmnist_root, rho, "--opt", "adam", "imbsam", "--ae-epochs", "0", "--epochs", "1", "--rho", "0.1",
+             "--normal-class", "5"))
+    with pytest.raises(SystemExit, match="mix settings.*rho: 0.05, 0.1"):
+        table.main([runs[0], rho])
+    with pytest.raises(SystemExit, match="class 0, seed 0 is given twice"):
+        table.main([runs[0], runs[0]])
+    partial = str(tmp_path / "partial")
+    main(cli(fmnist_root, partial, "--opt", "adam", "--ae-epochs", "0", "--epochs", "1", "--normal-class", "7"))
+    with pytest.raises(SystemExit, match="class 7 seed 0 lacks imbsam"):
+        table.main([runs[0], partial, "--plot", str(tmp_path / "p.png")])
 
 
 def test_sweep_script_runs_fills_gaps_and_tabulates(fmnist_root, tmp_path):

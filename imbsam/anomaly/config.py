@@ -9,6 +9,7 @@ import math
 
 from imbsam.anomaly.data import DATASETS, NUM_CLASSES
 from imbsam.backends import BACKENDS
+from imbsam.train.step import PERTURBED_BN_STATS
 
 # The optimizers Deep SAD trains with here: its own (Adam) and Adam as the base of each sharpness method.
 OPTIMIZERS = ("adam", "sam", "asam", "imbsam")
@@ -39,19 +40,23 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--rho", type=float, default=0.05, help="SAM's, ASAM's and ImbSAM's neighbourhood radius")
     m.add_argument("--eta", type=float, default=1.0,
                    help="Deep SAD's weight of the labelled samples' terms (not the long-tailed trainer's --eta)")
-    m.add_argument("--backend", default="auto", choices=BACKENDS)
+    m.add_argument("--perturbed-bn-stats", default="update", choices=PERTURBED_BN_STATS,
+                   help="whether SAM's and ImbSAM's forward at w + e updates BatchNorm's running statistics, which "
+                        "score the test set: 'update' as the ImbSAM paper's loop does, 'keep' leaves them to the "
+                        "forward at w (then rho 0 gives Adam's network exactly)")
+    m.add_argument("--backend", default="auto", choices=BACKENDS, help="the sharpness methods' kernels")
     t = ap.add_argument_group("training (Deep SAD's network)")
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--epochs", type=int, default=150)
+    t.add_argument("--lr", type=float, default=1e-4, help="Adam's learning rate")
+    t.add_argument("--epochs", type=int, default=150, help="Deep SAD's training epochs, per optimizer")
     t.add_argument("--lr-milestone", type=int, default=50, help="the epoch after which the lr drops tenfold (0: never)")
-    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--batch-size", type=int, default=128, help="pre-training's and training's")
     t.add_argument("--weight-decay", type=float, default=5e-7, help="Adam's L2 term, as Deep SAD's")
     a = ap.add_argument_group("autoencoder pre-training (Adam)")
-    a.add_argument("--ae-lr", type=float, default=1e-4)
+    a.add_argument("--ae-lr", type=float, default=1e-4, help="the autoencoder's Adam learning rate")
     a.add_argument("--ae-epochs", type=int, default=150,
                    help="0: no pre-training (the centre from the initial network)")
-    a.add_argument("--ae-lr-milestone", type=int, default=50)
-    a.add_argument("--ae-weight-decay", type=float, default=5e-4)
+    a.add_argument("--ae-lr-milestone", type=int, default=50, help="the epoch after which its lr drops tenfold")
+    a.add_argument("--ae-weight-decay", type=float, default=5e-4, help="the autoencoder's Adam L2 term")
     r = ap.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0, help="draws the setting's anomalies, the initial weights and batches")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -105,6 +110,8 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("ae_epochs", "lr_milestone", "ae_lr_milestone"):
         if getattr(args, name) < 0:
             bad.append(f"--{name.replace('_', '-')} {getattr(args, name)}: at least 0")
+    if args.seed < 0:
+        bad.append(f"--seed {args.seed}: at least 0")
     if args.batch_size < 2:  # BatchNorm in training mode normalises over the batch
         bad.append(f"--batch-size {args.batch_size}: at least 2 (the network's BatchNorm needs two samples)")
     if args.max_epochs_this_run is not None and args.max_epochs_this_run < 1:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
+import json
 import math
 import os
 import statistics
@@ -30,10 +32,26 @@ from imbsam.train.run import Log, resolve_device
 from imbsam.train.step import make_step
 
 # What the pre-training depends on, and what each optimizer's run depends on besides: a
-# resumed or reused stage must have been made with the same values.
-SETTING_KEYS = ("dataset", "normal_class", "known_anomaly_class", "gamma_l", "gamma_p", "seed", "batch_size")
+# resumed or reused stage must have been made with the same values. "data" is the
+# fingerprint of the images and labels read, so that another --data-root is noticed.
+SETTING_KEYS = ("dataset", "normal_class", "known_anomaly_class", "gamma_l", "gamma_p", "seed", "batch_size", "data")
 PRETRAIN_KEYS = SETTING_KEYS + ("ae_lr", "ae_epochs", "ae_lr_milestone", "ae_weight_decay")
-TRAIN_KEYS = PRETRAIN_KEYS + ("rho", "eta", "lr", "epochs", "lr_milestone", "weight_decay")
+ADAM_KEYS = PRETRAIN_KEYS + ("eta", "lr", "epochs", "lr_milestone", "weight_decay")
+SHARPNESS_KEYS = ADAM_KEYS + ("rho", "perturbed_bn_stats")
+# What runs made before a key was recorded used.
+DEFAULTS_OF_OLDER_RUNS = {"perturbed_bn_stats": "update"}
+
+
+def train_keys(opt: str) -> tuple:
+    return ADAM_KEYS if opt == "adam" else SHARPNESS_KEYS
+
+
+def fingerprint(setting) -> str:
+    """A short hash of the setting's images and labels, training and test."""
+    h = hashlib.sha256()
+    for t in (setting.train_x, setting.semi, setting.train_anomalous, setting.test_x, setting.test_y):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 STAGE_CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "data_rng", "history", "args")
 PRETRAINED_KEYS = ("encoder", "centre", "history", "args")
 TEST_BATCH = 1000
@@ -59,8 +77,12 @@ def recorded(args: argparse.Namespace, keys: tuple) -> dict:
 
 
 def mismatch(saved: dict, args: argparse.Namespace, keys: tuple) -> str | None:
-    wrong = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (before: {saved.get(k)!r})" for k in keys
-             if saved.get(k) != getattr(args, k)]
+    saved = {**DEFAULTS_OF_OLDER_RUNS, **saved}
+    # A run recorded before the data's fingerprint was cannot be checked for it.
+    keys = [k for k in keys if k != "data" or "data" in saved]
+    wrong = [(f"other data (--data-root {args.data_root or 'default'}: fingerprint {args.data}, before: {saved[k]})"
+              if k == "data" else f"--{k.replace('_', '-')} {getattr(args, k)!r} (before: {saved.get(k)!r})")
+             for k in keys if saved.get(k) != getattr(args, k)]
     return ", ".join(wrong) or None
 
 
@@ -197,11 +219,11 @@ def train_optimizer(opt, args, setting, pre, device, log, budget) -> dict | None
     when the budget ran out first."""
     folder = os.path.join(args.out, opt)
     done = os.path.join(folder, "metrics.json")
+    keys = train_keys(opt)
     if os.path.exists(done):
-        import json
         with open(done) as f:
             metrics = json.load(f)
-        why = mismatch(metrics["args"], args, TRAIN_KEYS)
+        why = mismatch(metrics["args"], args, keys)
         if why:
             raise SystemExit(f"{done} was trained with other options: {why}; choose another --out")
         return metrics
@@ -216,8 +238,8 @@ def train_optimizer(opt, args, setting, pre, device, log, budget) -> dict | None
     loss_fn = lambda z, semi: deep_sad_loss(z, c, semi, args.eta)  # noqa: E731
     split = lambda z, semi: head_tail_losses(z, c, semi, args.eta)  # noqa: E731
     step = make_step("sgd" if opt == "adam" else "imbsam" if opt == "imbsam" else "sam", encoder, optimizer,
-                     split=split, loss_fn=loss_fn)
-    history = run_stage(opt, folder, args, TRAIN_KEYS, encoder, optimizer, scheduler, step, args.epochs, train,
+                     split=split, loss_fn=loss_fn, perturbed_bn_stats=args.perturbed_bn_stats)
+    history = run_stage(opt, folder, args, keys, encoder, optimizer, scheduler, step, args.epochs, train,
                         generator, device, log, budget,
                         after_epoch=lambda record: record.update(test_aurocs(encoder, c, setting, device)))
     if history is None:
@@ -229,7 +251,7 @@ def train_optimizer(opt, args, setting, pre, device, log, budget) -> dict | None
                    backend="-" if opt == "adam" else optimizer.backend_for(device),
                    device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    torch=torch.__version__, date=datetime.date.today().isoformat(),
-                   command="python -m imbsam.anomaly " + " ".join(sys.argv[1:]), args=recorded(args, TRAIN_KEYS),
+                   command="python -m imbsam.anomaly " + " ".join(sys.argv[1:]), args=recorded(args, keys),
                    history=history)
     write_json(done, metrics)
     return metrics
@@ -252,8 +274,6 @@ def run(args: argparse.Namespace) -> dict | None:
     if started and not args.resume:
         raise SystemExit(f"{args.out} holds a run ({', '.join(started)}/): pass --resume to continue or extend it "
                          "(another --opt), or choose another --out")
-    os.makedirs(args.out, exist_ok=True)
-    log = Log(os.path.join(args.out, "train.log"))
     try:
         setting = load_setting(args.dataset, args.data_root, args.normal_class, args.known_anomaly_class,
                                args.gamma_l, args.gamma_p, args.seed, download=not args.no_download,
@@ -261,6 +281,12 @@ def run(args: argparse.Namespace) -> dict | None:
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"--dataset {args.dataset}: {exc}") from None
     counts = setting.counts()
+    if "imbsam" in args.opt and counts["labelled_anomalies"] == 0:  # before anything is written
+        raise SystemExit(f"--opt imbsam: --gamma-l {args.gamma_l:g} of {counts['normal']} normal images gives no "
+                         "labelled anomaly, so ImbSAM's tail would be empty and it would be Adam; raise --gamma-l")
+    args.data = fingerprint(setting)
+    os.makedirs(args.out, exist_ok=True)
+    log = Log(os.path.join(args.out, "train.log"))
     log(f"{args.dataset}, normal class {args.normal_class}: {counts['normal']} normal training images, "
         f"{counts['unlabelled_anomalies']} unlabelled anomalies (gamma_p {args.gamma_p:g}), "
         f"{counts['labelled_anomalies']} labelled anomalies of class {args.known_anomaly_class} "

@@ -15,6 +15,8 @@ import textwrap
 from collections import defaultdict
 
 from imbsam.anomaly.config import OPTIMIZERS
+from imbsam.anomaly.data import NUM_CLASSES
+from imbsam.anomaly.run import DEFAULTS_OF_OLDER_RUNS
 from imbsam.train.checkpoint import write_json
 from imbsam.train.report import _pyplot, plotting_unavailable
 
@@ -23,6 +25,9 @@ from imbsam.train.report import _pyplot, plotting_unavailable
 # known anomaly classes), 150 + 150 epochs; Ruff et al., ICLR 2020, as quoted in AGAD's
 # Table 2 (docs/anomaly.md says which copy was read).
 PUBLISHED = {("fmnist", 0.05): (90.5, 6.5)}
+# What may differ between the runs of one table: the setting's normal class and seed (and
+# what follows from them: its known anomaly class, its data).
+PER_RUN = ("normal_class", "seed", "known_anomaly_class", "data")
 
 
 def read_runs(folders: list[str]) -> list[dict]:
@@ -36,13 +41,40 @@ def read_runs(folders: list[str]) -> list[dict]:
                              "python -m imbsam.anomaly")
         for path in here:
             with open(path) as f:
-                found.append(json.load(f))
-    settings = {(m["args"]["dataset"], m["args"]["gamma_l"], m["args"]["gamma_p"], m["epochs"], m["ae_epochs"])
-                for m in found}
-    if len(settings) > 1:
-        raise SystemExit("the runs mix settings (dataset, gamma_l, gamma_p, epochs, pre-training epochs): "
-                         + "; ".join(map(str, sorted(settings))) + "; tabulate each separately")
+                m = json.load(f)
+            m["args"] = {**DEFAULTS_OF_OLDER_RUNS, **m["args"]} if m["opt"] != "adam" else m["args"]
+            found.append(m)
+    check_comparable(found)
     return found
+
+
+def check_comparable(runs: list[dict]) -> None:
+    """Refuses runs that one table must not mix: other options than the setting's class and
+    seed, the same run twice, or an optimizer missing from some setting."""
+    values = defaultdict(set)
+    for m in runs:
+        a = m["args"]
+        for k, v in a.items():
+            if k not in PER_RUN:
+                values[k].add(v)
+        values["known class offset"].add((a["known_anomaly_class"] - a["normal_class"]) % NUM_CLASSES)
+    mixed = {k: sorted(v, key=str) for k, v in values.items() if len(v) > 1}
+    if mixed:
+        raise SystemExit("the runs mix settings (" + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in
+                                                             sorted(mixed.items())) + "); tabulate each separately")
+    seen, per_opt = set(), defaultdict(set)
+    for m in runs:
+        key = (m["opt"], m["args"]["normal_class"], m["args"]["seed"])
+        if key in seen:
+            raise SystemExit(f"{m['opt']}, normal class {key[1]}, seed {key[2]} is given twice; name each run once")
+        seen.add(key)
+        per_opt[m["opt"]].add(key[1:])
+    every = set.union(*per_opt.values())
+    missing = [f"class {c} seed {s} lacks {', '.join(o for o in per_opt if (c, s) not in per_opt[o])}"
+               for c, s in sorted(every) if any((c, s) not in per_opt[o] for o in per_opt)]
+    if missing:  # a mean over other runs would not compare the optimizers
+        raise SystemExit("not every optimizer finished every setting: " + "; ".join(missing)
+                         + "; finish them (--resume) or leave those runs out")
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -87,6 +119,7 @@ def format_summary(s: dict, setting: dict) -> str:
                                            for o in opts))
     for key, label in (("all", "all classes"), ("known", "known class"), ("novel", "novel classes")):
         lines.append(f"{label:14s}" + "".join(f"{cell(s['overall'][o][key]):>16s}" for o in opts))
+    lines.append(f"{'runs':14s}" + "".join(f"{s['overall'][o]['runs']:16d}" for o in opts))
     lines.append(f"{'epoch x Adam':14s}" + "".join(f"{s['overall'][o]['epoch_x_adam']:16.2f}" for o in opts))
     published = PUBLISHED.get((setting["dataset"], setting["gamma_l"]))
     if published and setting["gamma_p"] == 0:
@@ -168,7 +201,8 @@ def main(argv=None) -> dict:
         plot_summary(s, text.splitlines()[0], args.plot)
         print(f"wrote {args.plot}")
     if args.plot_curves:
-        plot_curves(runs, text.splitlines()[0], args.plot_curves)
+        plot_curves(runs, text.splitlines()[0].split(": test AUROC")[0] + ": test AUROC (%) after each epoch",
+                    args.plot_curves)
         print(f"wrote {args.plot_curves}")
     return s
 
