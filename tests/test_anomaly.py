@@ -289,6 +289,10 @@ def test_table_summarises_runs_and_plots(fmnist_root, tmp_path):
     ms = [json.load(open(os.path.join(r, "imbsam", "metrics.json"))) for r in runs]
     assert s["auroc"]["imbsam"][0][0] == pytest.approx(100 * (ms[0]["auroc"] + ms[1]["auroc"]) / 2)
     assert s["auroc"]["imbsam"][0][2] == 2 and s["overall"]["imbsam"]["runs"] == 3
+    adam = [json.load(open(os.path.join(r, "adam", "metrics.json"))) for r in runs]
+    diffs = [100 * (m["auroc"] - a["auroc"]) for m, a in zip(ms, adam)]
+    assert s["overall"]["imbsam"]["minus_adam"][0] == pytest.approx(sum(diffs) / 3)
+    assert s["overall"]["imbsam"]["minus_adam"][2:] == (sum(d > 0 for d in diffs), 3)
     assert os.path.getsize(tmp_path / "t.png") > 0 and os.path.getsize(tmp_path / "c.png") > 0
     other = str(tmp_path / "other")
     main(cli(fmnist_root, other, "--opt", "adam", "imbsam", "--ae-epochs", "0", "--epochs", "2"))
