@@ -91,11 +91,14 @@ def loaders(setting, args, device, generator):
     and the same images in order (for the centre)."""
     n = len(setting.semi)
     # BatchNorm cannot normalise a last batch of one sample: it is dropped.
-    common = dict(mean=(0.0,), std=(1.0,), device=device)
     train = DeviceLoader(setting.train_x, setting.semi, args.batch_size, train=True, generator=generator,
-                         augment=False, drop_last=n % args.batch_size == 1, **common)
-    ordered = DeviceLoader(setting.train_x, setting.semi, TEST_BATCH, train=False, **common)
-    return train, ordered
+                         augment=False, drop_last=n % args.batch_size == 1, mean=(0.0,), std=(1.0,), device=device)
+    return train, in_order(setting.train_x, setting.semi, device)
+
+
+def in_order(images, labels, device) -> DeviceLoader:
+    """Every image once, in order, scaled to [0, 1] as the training batches are."""
+    return DeviceLoader(images, labels, TEST_BATCH, mean=(0.0,), std=(1.0,), device=device, train=False)
 
 
 def multistep(optimizer, milestone: int):
@@ -175,30 +178,26 @@ def pretrain(args, setting, device, log, budget) -> dict | None:
 
 
 @torch.no_grad()
+def embeddings(encoder, ordered) -> list[torch.Tensor]:
+    """phi(x) of each batch of ``ordered``, in order, the network in eval mode."""
+    was = encoder.training
+    encoder.eval()
+    try:
+        return [encoder(x).float() for x, _ in ordered]
+    finally:
+        encoder.train(was)
+
+
 def centre(encoder, ordered) -> torch.Tensor:
     """The mean embedding of the training set (the network in eval mode), nudged off 0."""
-    was = encoder.training
-    encoder.eval()
-    total = sum(encoder(x).float().sum(0) for x, _ in ordered)
-    encoder.train(was)
-    return centre_from(total / len(ordered.labels))
+    return centre_from(sum(z.sum(0) for z in embeddings(encoder, ordered)) / len(ordered.labels))
 
 
-@torch.no_grad()
-def scores(encoder, c, images, device) -> torch.Tensor:
-    """Anomaly scores ``||phi(x) - c||^2`` of uint8 images, the network in eval mode."""
-    was = encoder.training
-    encoder.eval()
-    out = [squared_distance(encoder(images[i:i + TEST_BATCH].to(device).float() / 255), c)
-           for i in range(0, len(images), TEST_BATCH)]
-    encoder.train(was)
-    return torch.cat(out).cpu()
-
-
-def test_aurocs(encoder, c, setting, device) -> dict:
-    """AUROC on the test set: normal against every anomaly class, against the known one
-    alone, and against the classes no labelled anomaly came from."""
-    s = scores(encoder, c, setting.test_x, device)
+def test_aurocs(encoder, c, setting, test_images) -> dict:
+    """AUROC on the test set (``test_images``: its loader, built once): normal against every
+    anomaly class, against the known one alone, and against the classes no labelled
+    anomaly came from. The anomaly score is ``||phi(x) - c||^2``."""
+    s = torch.cat([squared_distance(z, c) for z in embeddings(encoder, test_images)]).cpu()
     y, normal = setting.test_y, setting.test_y == setting.normal_class
     known = y == setting.known_anomaly_class
     return dict(auroc=auroc(s, ~normal), auroc_known=auroc(s[normal | known], known[normal | known]),
@@ -235,13 +234,14 @@ def train_optimizer(opt, args, setting, pre, device, log, budget) -> dict | None
     # The same seed for every optimizer: the same batches in the same order.
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)
     train, _ = loaders(setting, args, device, generator)
+    test_images = in_order(setting.test_x, setting.test_y, device)  # on the device once, not every epoch
     loss_fn = lambda z, semi: deep_sad_loss(z, c, semi, args.eta)  # noqa: E731
     split = lambda z, semi: head_tail_losses(z, c, semi, args.eta)  # noqa: E731
     step = make_step("sgd" if opt == "adam" else "imbsam" if opt == "imbsam" else "sam", encoder, optimizer,
                      split=split, loss_fn=loss_fn, perturbed_bn_stats=args.perturbed_bn_stats)
     history = run_stage(opt, folder, args, keys, encoder, optimizer, scheduler, step, args.epochs, train,
                         generator, device, log, budget,
-                        after_epoch=lambda record: record.update(test_aurocs(encoder, c, setting, device)))
+                        after_epoch=lambda record: record.update(test_aurocs(encoder, c, setting, test_images)))
     if history is None:
         return None
     final = history[-1]
